@@ -1,0 +1,1 @@
+"""Exact, fast DP-SGD for diffusion transformers, and the suite that measures it."""

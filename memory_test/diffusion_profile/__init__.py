@@ -1,0 +1,1 @@
+"""DiT profiling suite: model wrapper, single-experiment runner, sweeps and plots."""
