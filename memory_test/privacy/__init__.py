@@ -1,0 +1,19 @@
+"""Exact DP-SGD clipping modes for Opacus 1.6: ghost, book-keeping, flash (see ``MODES``)."""
+
+from .engine import PrivacyEngine
+from .errors import CriterionError, PrivacyConfigError, SharedParameterError, UnsupportedLayerError
+from .grad_sample_module import DPGradSampleModule
+from .modes import MODES, Mode, resolve_mode, valid_mode_names
+
+__all__ = [
+    "MODES",
+    "CriterionError",
+    "DPGradSampleModule",
+    "Mode",
+    "PrivacyConfigError",
+    "PrivacyEngine",
+    "SharedParameterError",
+    "UnsupportedLayerError",
+    "resolve_mode",
+    "valid_mode_names",
+]

@@ -1,0 +1,121 @@
+"""``PrivacyEngine``: Opacus' engine extended with this package's clipping modes (subclass, no patching)."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import opacus
+import torch
+from torch import nn
+
+from .errors import PrivacyConfigError
+from .grad_sample_module import DPGradSampleModule
+from .loss import DPLoss
+from .modes import BOOKKEEPING, UPSTREAM_PASSTHROUGH, Mode, resolve_mode, valid_mode_names
+from .norm_backends import NORM_BACKENDS
+
+
+class PrivacyEngine(opacus.PrivacyEngine):
+    """Opacus PrivacyEngine whose ``make_private`` also accepts the modes of ``memory_test.privacy.MODES``.
+
+    For every mode (upstream ``hooks`` included) it returns ``(model, optimizer, criterion, data_loader)``;
+    ``criterion(...)`` gives a loss whose ``.backward()`` does the mode's clipping, and ``optimizer.step()``
+    adds Opacus' noise (std sigma*C per parameter, then the 1/expected-batch scaling) and steps.
+    """
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        criterion,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        grad_sample_mode: str = "hooks",
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        noise_generator=None,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
+        **kwargs,
+    ):
+        if grad_sample_mode in UPSTREAM_PASSTHROUGH:
+            dp_loss = DPLoss(criterion, module=None, strategy="upstream_hooks", loss_reduction=loss_reduction)
+            model, optimizer, data_loader = super().make_private(
+                module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode,
+                loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
+                noise_generator=noise_generator, batch_first=batch_first, rand_on_empty=rand_on_empty, **kwargs,
+            )
+            dp_loss.module = model
+            return model, optimizer, dp_loss, data_loader
+
+        mode = resolve_mode(grad_sample_mode)
+        dp_loss = DPLoss(criterion, module=None, strategy=mode.strategy, loss_reduction=loss_reduction)
+        if clipping != "flat":
+            raise PrivacyConfigError(f"mode {mode.name!r} supports clipping='flat' only, got {clipping!r}")
+        if kwargs.pop("wrap_model", True) is False:
+            raise PrivacyConfigError(f"mode {mode.name!r} needs wrap_model=True")
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("Passing seed is prohibited in secure mode")
+        _check_optimizer_params(module, optimizer)
+        distributed = _check_distributed(mode)
+
+        model = self._prepare_dp_module(module, mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                                        batch_first=batch_first)
+        data_loader = self._prepare_data_loader(
+            data_loader, distributed=distributed, poisson_sampling=poisson_sampling, batch_first=batch_first,
+            rand_on_empty=rand_on_empty,
+        )
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if distributed:  # Opacus' convention: the optimizer's expected batch is per worker
+            expected_batch_size /= torch.distributed.get_world_size()
+        # Our loss object leaves Σ_i c_i g_i in p.grad, exactly what Opacus' fast-gradient-clipping optimizer
+        # expects; it then adds noise and scales as for upstream ghost clipping.
+        optimizer = self._prepare_optimizer(
+            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, noise_generator=noise_generator,
+            distributed=distributed, clipping=clipping, grad_sample_mode="ghost_fsdp" if distributed else "ghost",
+            **kwargs,
+        )
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        dp_loss.module = model
+        return model, optimizer, dp_loss, data_loader
+
+    def _prepare_dp_module(self, module: nn.Module, mode: Mode, *, max_grad_norm, loss_reduction, batch_first):
+        if isinstance(module, opacus.grad_sample.AbstractGradSampleModule):
+            raise PrivacyConfigError("pass the plain nn.Module to make_private, not an already wrapped one")
+        self.validate(module=module, optimizer=None, data_loader=None)
+        return DPGradSampleModule(
+            module, norm_backend=NORM_BACKENDS[mode.norm](), keep_for_bookkeeping=mode.strategy == BOOKKEEPING,
+            batch_first=batch_first, loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
+        )
+
+
+def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_parameters = set(module.parameters())
+    for p in chain.from_iterable(group["params"] for group in optimizer.param_groups):
+        if p not in model_parameters:
+            raise ValueError("Module parameters are different than optimizer Parameters")
+
+
+def _check_distributed(mode: Mode) -> bool:
+    """Sharded modes need torchrun with several processes; single-device modes must not silently run sharded."""
+    if not mode.distributed:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise PrivacyConfigError(
+            f"mode {mode.name!r} shards the model over GPUs: launch with `torchrun --nproc-per-node=N ...` and "
+            "initialise torch.distributed first. Single-process modes: "
+            + ", ".join(n for n in valid_mode_names() if n in _single_device_names())
+        )
+    return True
+
+
+def _single_device_names():
+    from .modes import MODES
+
+    return {name for name, m in MODES.items() if not m.distributed}

@@ -1,0 +1,208 @@
+"""The wrapped model: captures each trainable layer's input and output gradient, computes exact per-sample norms.
+
+How one backward avoids the unclipped weight gradients: every trainable module's output passes through a
+``_Tap`` autograd node that also takes a scalar ``anchor`` leaf. The recording backward is
+``torch.autograd.grad(sum_i loss_i, anchor)``: autograd then runs only nodes on a path to the anchor, so
+activation gradients flow (every tap is on such a path) but no parameter's AccumulateGrad is reached and the
+weight-gradient GEMMs are skipped by autograd itself (``needs_input_grad`` is False for those edges).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+
+from .errors import SharedParameterError, UnsupportedLayerError
+from .layer_rules import Use, rule_for
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands the output gradient to the engine."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, gsm, state, use):
+        ctx.gsm, ctx.state, ctx.use = gsm, state, use
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.gsm._recording_backward:
+            return grad, None, None, None, None
+        ctx.gsm._on_grad_output(ctx.state, ctx.use, grad)
+        return grad, torch.zeros(()), None, None, None
+
+
+class _LayerState:
+    """Bookkeeping for one trainable module across the uses of one forward."""
+
+    def __init__(self, name: str, module: nn.Module, rule):
+        self.name, self.module, self.rule = name, module, rule
+        self.uses: list[Use] = []
+        self.pending = 0  # uses whose output gradient has not arrived yet
+        self.done = False
+
+    def params(self):
+        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+
+
+class DPGradSampleModule(AbstractGradSampleModule):
+    """GradSampleModule for this package's modes: exact per-sample norms, two-pass or book-keeping clipping."""
+
+    def __init__(self, m: nn.Module, *, norm_backend, keep_for_bookkeeping: bool, batch_first=True,
+                 loss_reduction="mean", max_grad_norm=1.0):
+        if not batch_first:
+            raise ValueError("memory_test.privacy modes need batch_first=True (the batch is dimension 0)")
+        super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
+        self.max_grad_norm = max_grad_norm
+        self.norm_backend = norm_backend
+        self.keep_for_bookkeeping = keep_for_bookkeeping
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._recording_backward = False
+        self._states = self._build_states(m)
+        self._handles = [s.module.register_forward_hook(self._make_forward_hook(s)) for s in self._states]
+        self.norm_paths: dict[str, str] = {}
+        self.dp_cache_peak_bytes = 0
+        self._cache_bytes = 0
+        self._sq_norm: torch.Tensor | None = None
+        self._n = 0
+        self._per_sample_gradient_norms = None
+
+    # ----- set-up -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _build_states(m: nn.Module) -> list[_LayerState]:
+        owners = defaultdict(set)
+        names = {}
+        for name, module in m.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    owners[p].add(module)
+                    names.setdefault(module, name)
+        shared = [p for p, mods in owners.items() if len(mods) > 1]
+        if shared:
+            held_by = sorted({names[mod] for p in shared for mod in owners[p]})
+            raise SharedParameterError(
+                f"{len(shared)} trainable parameter(s) are shared between different modules ({', '.join(held_by)}). "
+                "Per-sample norms of tied parameters across module types are not supported: reuse the same module "
+                "object instead (reuse is supported exactly), or freeze the tied parameter."
+            )
+        states, unsupported = [], []
+        for module, name in names.items():
+            rule = rule_for(module)
+            if rule is None:
+                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+            else:
+                states.append(_LayerState(name, module, rule))
+        if unsupported:
+            raise UnsupportedLayerError(
+                "these trainable layers have no exact per-sample clipping rule: " + ", ".join(unsupported)
+                + ". Freeze them (requires_grad_(False)), replace them with supported layers (Linear, Conv2d, "
+                "Embedding, LayerNorm, GroupNorm, RMSNorm, ...), or use grad_sample_mode='hooks'."
+            )
+        return states
+
+    def _make_forward_hook(self, state: _LayerState):
+        def hook(module, inputs, output):
+            if not (module.training and torch.is_grad_enabled() and self.hooks_enabled):
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"{state.name}: DP taps need a tensor output, got {type(output).__name__}")
+            use = Use(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
+            state.uses.append(use)
+            state.pending += 1
+            self._track_bytes(use.nbytes())
+            return _Tap.apply(output, self._anchor, self, state, use)
+
+        return hook
+
+    hooks_enabled = True
+
+    def enable_hooks(self):
+        self.hooks_enabled = True
+
+    def disable_hooks(self):
+        self.hooks_enabled = False
+
+    def remove_hooks(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ----- backward-time work --------------------------------------------------------------------------------
+    def _track_bytes(self, delta: int):
+        self._cache_bytes += delta
+        self.dp_cache_peak_bytes = max(self.dp_cache_peak_bytes, self._cache_bytes)
+
+    def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
+        use.grad_output = grad
+        self._track_bytes(grad.numel() * grad.element_size())
+        state.pending -= 1
+        if state.pending == 0:
+            self._finish_layer(state)
+
+    def _finish_layer(self, state: _LayerState):
+        """All output gradients of this layer are in: add its exact per-sample squared norm."""
+        uses = [u for u in state.uses if u.grad_output is not None]  # a use whose output fed no loss adds 0
+        if uses:
+            sq, path = state.rule.sq_norm(state.module, uses, self._n, self.norm_backend)
+            self._sq_norm += sq.to(self._sq_norm.dtype)
+            self.norm_paths[state.name] = path
+        state.done = True
+        if not self.keep_for_bookkeeping:
+            self._release(state)
+
+    def _release(self, state: _LayerState):
+        self._track_bytes(-sum(u.nbytes() for u in state.uses))
+        state.uses = []
+        state.pending = 0
+
+    def record_norms(self, loss_per_sample: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
+        """Backward of sum_i loss_i that only records per-sample norms; returns clipping coefficients (n,)."""
+        self._n = n = loss_per_sample.shape[0]
+        acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
+        self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
+        self._recording_backward = True
+        try:
+            if n > 0:
+                torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._recording_backward = False
+        for state in self._states:
+            if not state.done:  # a layer some of whose uses never reached the loss
+                self._finish_layer(state)
+        norms = self._sq_norm.sqrt()
+        self._per_sample_gradient_norms = norms
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def write_clipped_grads(self, coef: torch.Tensor):
+        """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes."""
+        for state in self._states:
+            if state.uses:
+                grads = state.rule.clipped_grads(state.module, [u for u in state.uses if u.grad_output is not None],
+                                                 self._n, coef)
+                for p, g in grads.items():
+                    p.grad = g if p.grad is None else p.grad + g
+            self._release(state)
+
+    def end_step(self):
+        """Forget this forward's caches; give never-used trainable parameters a zero gradient (they still get noise)."""
+        for state in self._states:
+            self._release(state)
+            state.done = False
+            for p in state.params():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self._sq_norm = None
+
+    @property
+    def per_sample_gradient_norms(self) -> torch.Tensor:
+        """Norms of the last step: for debugging only, never to be logged or released (they are not private)."""
+        if self._per_sample_gradient_norms is None:
+            raise AttributeError("per_sample_gradient_norms is set by a backward pass")
+        return self._per_sample_gradient_norms
+
+    def kernel_backend(self) -> str:
+        device = next(self._module.parameters()).device
+        return self.norm_backend.kernel_backend(device)

@@ -1,0 +1,195 @@
+"""Per-layer rules: exact per-sample squared gradient norms and clipped gradients from cached (A, G) pairs.
+
+Every rule works on all uses of one module in one forward at once. A module used k times has per-sample
+gradient equal to the sum over its uses, so its norm needs the cross terms between uses; for Linear-like
+layers that is the same as treating the uses as extra rows of A and G (rows are concatenated per sample).
+
+Rows: a use's batch dimension holds ``n * K`` rows in sample-major order (noise multiplicity K); every rule
+first views them as ``(n, K * ..., features)`` so that one sample's rows form one privacy unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+
+
+@dataclass
+class Use:
+    """One forward call of a trainable module: its detached inputs and, after backward, its output gradient."""
+
+    inputs: tuple
+    grad_output: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        held = [t for t in self.inputs if isinstance(t, torch.Tensor)]
+        if self.grad_output is not None:
+            held.append(self.grad_output)
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def _trainable(param: torch.Tensor | None) -> bool:
+    return param is not None and param.requires_grad
+
+
+def _per_sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n*K, ..., f) -> (n, K*..., f): the rows of each sample, contiguous in sample-major order."""
+    if x.shape[0] % n:
+        raise ValueError(f"a layer saw {x.shape[0]} rows, not a multiple of the {n} per-sample losses")
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def _coef_like(coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return coef.to(device=rows.device, dtype=rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+
+
+def _matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Lowest-precision floating dtype among the operands: the dtype autocast's own weight-gradient GEMM uses."""
+    return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+
+
+class LinearLikeRule:
+    """Layers whose per-sample gradient is G_iᵀ A_i over rows (Linear; Conv2d after unfolding)."""
+
+    name = "linear"
+
+    def weight_and_bias(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return module.weight, module.bias
+
+    def rows(self, module: nn.Module, use: Use, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _per_sample_rows(use.inputs[0], n), _per_sample_rows(use.grad_output, n)
+
+    def _stacked(self, module, uses, n):
+        pairs = [self.rows(module, u, n) for u in uses]
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([a for a, _ in pairs], dim=1), torch.cat([g for _, g in pairs], dim=1)
+
+    def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
+        weight, bias = self.weight_and_bias(module)
+        A, G = self._stacked(module, uses, n)
+        w_sq, b_sq, path = backend.linear_sq_norms(A, G, with_bias=_trainable(bias))
+        total = w_sq if _trainable(weight) else torch.zeros_like(w_sq)
+        if b_sq is not None:
+            total = total + b_sq
+        return total, path
+
+    def clipped_grads(self, module, uses, n, coef) -> dict:
+        weight, bias = self.weight_and_bias(module)
+        grads = {}
+        for use in uses:
+            A, G = self.rows(module, use, n)
+            scaled = G * _coef_like(coef, G)
+            if _trainable(weight):
+                dtype = _matmul_dtype(A, G)
+                gw = scaled.reshape(-1, G.shape[-1]).to(dtype).t() @ A.reshape(-1, A.shape[-1]).to(dtype)
+                grads[weight] = grads.get(weight, 0) + gw.to(weight.dtype)
+            if _trainable(bias):
+                grads[bias] = grads.get(bias, 0) + scaled.sum(dim=(0, 1)).to(bias.dtype)
+        return {p: g.reshape(p.shape) for p, g in grads.items()}
+
+
+class Conv2dRule(LinearLikeRule):
+    """Conv2d as a Linear over unfolded patches (DiT's patch embedding: kernel = stride, so unfold is a reshape)."""
+
+    name = "conv2d"
+
+    @staticmethod
+    def supports(module: nn.Conv2d) -> bool:
+        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+    def rows(self, module, use, n):
+        x = use.inputs[0]
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, Cin*k*k, L)
+        G = use.grad_output.flatten(2)  # (N, Cout, L)
+        return _per_sample_rows(patches.transpose(1, 2), n), _per_sample_rows(G.transpose(1, 2), n)
+
+
+class EmbeddingRule:
+    """nn.Embedding: per-sample gradient scatters G rows into the table rows they looked up."""
+
+    name = "embedding"
+
+    @staticmethod
+    def supports(module: nn.Embedding) -> bool:
+        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+    def _rows(self, module, use, n):
+        idx = use.inputs[0].reshape(n, -1)
+        G = use.grad_output.reshape(n, idx.shape[1], -1)
+        if module.padding_idx is not None:  # padding rows receive no gradient in nn.Embedding
+            G = G * (idx != module.padding_idx).unsqueeze(-1).to(G.dtype)
+        return idx, G
+
+    def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
+        pairs = [self._rows(module, u, n) for u in uses]
+        idx = torch.cat([i for i, _ in pairs], dim=1)
+        G = torch.cat([g for _, g in pairs], dim=1).to(backend.accumulate_dtype(uses[0].grad_output))
+        same_row = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(G.dtype)
+        return (torch.bmm(G, G.transpose(1, 2)) * same_row).sum(dim=(1, 2)), "embedding"
+
+    def clipped_grads(self, module, uses, n, coef) -> dict:
+        table = torch.zeros_like(module.weight)
+        for use in uses:
+            idx, G = self._rows(module, use, n)
+            scaled = (G * _coef_like(coef, G)).reshape(-1, G.shape[-1])
+            table.index_add_(0, idx.reshape(-1), scaled.to(table.dtype))
+        return {module.weight: table}
+
+
+class MaterializedRule:
+    """Any layer Opacus has a per-sample grad sampler for (LayerNorm, GroupNorm, RMSNorm, ...): small layers only.
+
+    Per-sample gradients are materialised (B x params) with upstream Opacus' own functions, read from its
+    registry without modifying it.
+    """
+
+    name = "materialized"
+
+    def __init__(self, grad_sampler):
+        self.grad_sampler = grad_sampler
+
+    def _per_sample(self, module, uses, n) -> dict:
+        summed = {}
+        for use in uses:
+            for p, gs in self.grad_sampler(module, list(use.inputs), use.grad_output).items():
+                if p.requires_grad:
+                    gs = gs.reshape(n, -1, *p.shape).sum(dim=1)  # K rows of a sample are one unit
+                    summed[p] = summed[p] + gs if p in summed else gs
+        return summed
+
+    def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
+        acc = backend.accumulate_dtype(uses[0].grad_output)
+        total = torch.zeros(n, dtype=acc, device=uses[0].grad_output.device)
+        for gs in self._per_sample(module, uses, n).values():
+            total += gs.reshape(n, -1).to(acc).pow(2).sum(dim=1)
+        return total, "materialized"
+
+    def clipped_grads(self, module, uses, n, coef) -> dict:
+        return {
+            p: torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
+            for p, gs in self._per_sample(module, uses, n).items()
+        }
+
+
+_LINEAR = LinearLikeRule()
+_CONV2D = Conv2dRule()
+_EMBEDDING = EmbeddingRule()
+
+# Exact type -> rule; subclasses may override forward, so they are not assumed to share their parent's math.
+SPECIALISED_RULES = {nn.Linear: _LINEAR, nn.Conv2d: _CONV2D, nn.Embedding: _EMBEDDING}
+
+
+def rule_for(module: nn.Module):
+    """The rule that handles ``module``, or None if this engine cannot clip its parameters exactly."""
+    rule = SPECIALISED_RULES.get(type(module))
+    if rule is not None and getattr(rule, "supports", lambda m: True)(module):
+        return rule
+    sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module))
+    if sampler is not None:  # e.g. grouped Conv2d: exact through materialised per-sample gradients
+        return MaterializedRule(sampler)
+    return None
