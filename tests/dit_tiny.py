@@ -13,8 +13,15 @@ class TinyDiT(nn.Module):
     def __init__(self, num_layers: int = 2, sample_size: int = 4, num_classes: int = 5, seed: int = 0):
         super().__init__()
         self.model = DiTTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=num_layers,
-            sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=2,
+            num_attention_heads=2,
+            attention_head_dim=4,
+            in_channels=4,
+            out_channels=8,
+            num_layers=num_layers,
+            sample_size=sample_size,
+            patch_size=2,
+            num_embeds_ada_norm=num_classes,
+            norm_num_groups=2,
         )
         for blk in self.model.transformer_blocks:  # label dropout draws random numbers: off for exactness tests
             blk.norm1.emb.class_embedder.dropout_prob = 0.0

@@ -45,8 +45,14 @@ def _dp_update(model, batch, k, max_grad_norm, mode, reduction):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = DataLoader(TensorDataset(torch.zeros(N)), batch_size=N)
     dp_model, dp_opt, crit, _ = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, criterion=_criterion(k, reduction),
-        noise_multiplier=0.0, max_grad_norm=max_grad_norm, grad_sample_mode=mode, poisson_sampling=False,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=_criterion(k, reduction),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=mode,
+        poisson_sampling=False,
         loss_reduction=reduction,
     )
     x, t, y, target = batch

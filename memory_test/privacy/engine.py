@@ -44,10 +44,20 @@ class PrivacyEngine(opacus.PrivacyEngine):
         if grad_sample_mode in UPSTREAM_PASSTHROUGH:
             dp_loss = DPLoss(criterion, module=None, strategy="upstream_hooks", loss_reduction=loss_reduction)
             model, optimizer, data_loader = super().make_private(
-                module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion,
-                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=grad_sample_mode,
-                loss_reduction=loss_reduction, poisson_sampling=poisson_sampling, clipping=clipping,
-                noise_generator=noise_generator, batch_first=batch_first, rand_on_empty=rand_on_empty, **kwargs,
+                module=module,
+                optimizer=optimizer,
+                data_loader=data_loader,
+                criterion=criterion,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                grad_sample_mode=grad_sample_mode,
+                loss_reduction=loss_reduction,
+                poisson_sampling=poisson_sampling,
+                clipping=clipping,
+                noise_generator=noise_generator,
+                batch_first=batch_first,
+                rand_on_empty=rand_on_empty,
+                **kwargs,
             )
             dp_loss.module = model
             return model, optimizer, dp_loss, data_loader
@@ -63,10 +73,14 @@ class PrivacyEngine(opacus.PrivacyEngine):
         _check_optimizer_params(module, optimizer)
         distributed = _check_distributed(mode)
 
-        model = self._prepare_dp_module(module, mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                                        batch_first=batch_first)
+        model = self._prepare_dp_module(
+            module, mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, batch_first=batch_first
+        )
         data_loader = self._prepare_data_loader(
-            data_loader, distributed=distributed, poisson_sampling=poisson_sampling, batch_first=batch_first,
+            data_loader,
+            distributed=distributed,
+            poisson_sampling=poisson_sampling,
+            batch_first=batch_first,
             rand_on_empty=rand_on_empty,
         )
         sample_rate = 1 / len(data_loader)
@@ -76,9 +90,15 @@ class PrivacyEngine(opacus.PrivacyEngine):
         # Our loss object leaves Σ_i c_i g_i in p.grad, exactly what Opacus' fast-gradient-clipping optimizer
         # expects; it then adds noise and scales as for upstream ghost clipping.
         optimizer = self._prepare_optimizer(
-            optimizer=optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, noise_generator=noise_generator,
-            distributed=distributed, clipping=clipping, grad_sample_mode="ghost_fsdp" if distributed else "ghost",
+            optimizer=optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            noise_generator=noise_generator,
+            distributed=distributed,
+            clipping=clipping,
+            grad_sample_mode="ghost_fsdp" if distributed else "ghost",
             **kwargs,
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
@@ -90,8 +110,12 @@ class PrivacyEngine(opacus.PrivacyEngine):
             raise PrivacyConfigError("pass the plain nn.Module to make_private, not an already wrapped one")
         self.validate(module=module, optimizer=None, data_loader=None)
         return DPGradSampleModule(
-            module, norm_backend=NORM_BACKENDS[mode.norm](), keep_for_bookkeeping=mode.strategy == BOOKKEEPING,
-            batch_first=batch_first, loss_reduction=loss_reduction, max_grad_norm=max_grad_norm,
+            module,
+            norm_backend=NORM_BACKENDS[mode.norm](),
+            keep_for_bookkeeping=mode.strategy == BOOKKEEPING,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            max_grad_norm=max_grad_norm,
         )
 
 

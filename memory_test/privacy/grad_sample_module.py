@@ -51,8 +51,16 @@ class _LayerState:
 class DPGradSampleModule(AbstractGradSampleModule):
     """GradSampleModule for this package's modes: exact per-sample norms, two-pass or book-keeping clipping."""
 
-    def __init__(self, m: nn.Module, *, norm_backend, keep_for_bookkeeping: bool, batch_first=True,
-                 loss_reduction="mean", max_grad_norm=1.0):
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        norm_backend,
+        keep_for_bookkeeping: bool,
+        batch_first=True,
+        loss_reduction="mean",
+        max_grad_norm=1.0,
+    ):
         if not batch_first:
             raise ValueError("memory_test.privacy modes need batch_first=True (the batch is dimension 0)")
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction)
@@ -97,7 +105,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 states.append(_LayerState(name, module, rule))
         if unsupported:
             raise UnsupportedLayerError(
-                "these trainable layers have no exact per-sample clipping rule: " + ", ".join(unsupported)
+                "these trainable layers have no exact per-sample clipping rule: "
+                + ", ".join(unsupported)
                 + ". Freeze them (requires_grad_(False)), replace them with supported layers (Linear, Conv2d, "
                 "Embedding, LayerNorm, GroupNorm, RMSNorm, ...), or use grad_sample_mode='hooks'."
             )
@@ -180,8 +189,9 @@ class DPGradSampleModule(AbstractGradSampleModule):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes."""
         for state in self._states:
             if state.uses:
-                grads = state.rule.clipped_grads(state.module, [u for u in state.uses if u.grad_output is not None],
-                                                 self._n, coef)
+                grads = state.rule.clipped_grads(
+                    state.module, [u for u in state.uses if u.grad_output is not None], self._n, coef
+                )
                 for p, g in grads.items():
                     p.grad = g if p.grad is None else p.grad + g
             self._release(state)

@@ -82,7 +82,7 @@ class DPLoss:
             self.criterion.reduction = self.reduction
         if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise CriterionError(f"the criterion returned {shape}, not per-sample losses of shape (B,). " + _SCALAR_HELP)
+            raise CriterionError(f"the criterion returned {shape}, not per-sample losses of shape (B,). {_SCALAR_HELP}")
         return DPLossTensor(loss, self)
 
 

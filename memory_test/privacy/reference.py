@@ -8,15 +8,20 @@ import torch
 from torch import nn
 
 
-def per_sample_gradients(model: nn.Module, loss_of_sample: Callable[[int], torch.Tensor]
-                         , n: int) -> list[list[torch.Tensor]]:
+def per_sample_gradients(
+    model: nn.Module, loss_of_sample: Callable[[int], torch.Tensor], n: int
+) -> list[list[torch.Tensor]]:
     """Gradients of ``loss_of_sample(i)`` (a scalar computed on sample i alone) for each trainable parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for i in range(n):
         loss = loss_of_sample(i)
-        grads.append([g if g is not None else torch.zeros_like(p)
-                      for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+        grads.append(
+            [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)
+            ]
+        )
     return grads
 
 
