@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 
+from .norm_backends import accumulate_dtype
+
 
 @dataclass
 class Use:
@@ -83,14 +85,24 @@ class LinearLikeRule:
         grads = {}
         for use in uses:
             A, G = self.rows(module, use, n)
-            scaled = G * _coef_like(coef, G)
             if _trainable(weight):
+                # Σ_i c_i G_iᵀA_i: the coefficients scale the rows of whichever operand is smaller (a temporary
+                # of min(d, p) columns), and the GEMM replaces the weight-gradient GEMM the backward skipped.
                 dtype = _matmul_dtype(A, G)
-                gw = scaled.reshape(-1, G.shape[-1]).to(dtype).t() @ A.reshape(-1, A.shape[-1]).to(dtype)
-                grads[weight] = grads.get(weight, 0) + gw.to(weight.dtype)
+                if A.shape[-1] <= G.shape[-1]:
+                    lhs, rhs = G, A * _coef_like(coef, A)
+                else:
+                    lhs, rhs = G * _coef_like(coef, G), A
+                gw = lhs.reshape(-1, G.shape[-1]).to(dtype).t() @ rhs.reshape(-1, A.shape[-1]).to(dtype)
+                _accumulate(grads, weight, gw)
             if _trainable(bias):
-                grads[bias] = grads.get(bias, 0) + scaled.sum(dim=(0, 1)).to(bias.dtype)
-        return {p: g.reshape(p.shape) for p, g in grads.items()}
+                per_sample = G.sum(dim=1, dtype=accumulate_dtype(G))
+                _accumulate(grads, bias, (per_sample * coef.to(per_sample)[:, None]).sum(0))
+        return {p: g.reshape(p.shape).to(p.dtype) for p, g in grads.items()}
+
+
+def _accumulate(grads: dict, param: torch.Tensor, g: torch.Tensor) -> None:
+    grads[param] = grads[param] + g if param in grads else g
 
 
 class Conv2dRule(LinearLikeRule):
