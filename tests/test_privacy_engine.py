@@ -15,6 +15,7 @@ from memory_test.privacy import (
     PrivacyEngine,
     SharedParameterError,
     UnsupportedLayerError,
+    describe_layers,
     resolve_mode,
     valid_mode_names,
 )
@@ -189,3 +190,16 @@ def test_sharded_mode_in_one_process_is_a_clear_error():
         pytest.skip("no sharded mode registered")
     with pytest.raises(PrivacyConfigError, match="torchrun"):
         _make_private(nn.Linear(3, 2), mode=sharded[0])
+
+
+def test_describe_layers_counts_block0_embedder_reuse_and_paths():
+    model = TinyDiT()
+    x, t, y, _ = make_batch(2, dtype=torch.float32)
+    layers = {d["name"]: d for d in describe_layers(model, "bookkeeping", (x, t, y))}
+    emb = "model.transformer_blocks.0.norm1.emb.timestep_embedder.linear_1"
+    assert layers[emb]["uses"] == 2 and layers[emb]["rows_per_sample"] == 2 and layers[emb]["norm_path"] == "gram"
+    assert layers["model.transformer_blocks.1.norm1.emb.timestep_embedder.linear_1"]["uses"] == 1
+    assert layers["model.transformer_blocks.1.norm1.linear"]["norm_path"] == "outer"
+    assert layers["model.transformer_blocks.0.attn1.to_q"]["rows_per_sample"] == 4  # (4/2)² patches
+    assert layers["model.pos_embed.proj"]["norm_path"] == "conv2d"
+    assert sum(d["trainable_params"] for d in layers.values()) == sum(p.numel() for p in model.parameters())

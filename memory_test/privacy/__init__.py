@@ -1,5 +1,6 @@
 """Exact DP-SGD clipping modes for Opacus 1.6: ghost, book-keeping, flash (see ``MODES``)."""
 
+from .describe import describe_layers
 from .engine import PrivacyEngine
 from .errors import CriterionError, PrivacyConfigError, SharedParameterError, UnsupportedLayerError
 from .grad_sample_module import DPGradSampleModule
@@ -14,6 +15,7 @@ __all__ = [
     "PrivacyEngine",
     "SharedParameterError",
     "UnsupportedLayerError",
+    "describe_layers",
     "resolve_mode",
     "valid_mode_names",
 ]

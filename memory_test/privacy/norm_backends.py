@@ -21,6 +21,9 @@ class GhostNorms:
     def kernel_backend(self, device: torch.device) -> str:
         return "torch"
 
+    def predict_path(self, rows: int, d: int, p: int) -> str:
+        return "outer" if rows == 1 else "gram"
+
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         dtype = accumulate_dtype(G)
         A, G = A.to(dtype), G.to(dtype)
@@ -46,6 +49,9 @@ class FlashNorms:
 
     def kernel_backend(self, device: torch.device) -> str:
         return self._kernels.kernel_backend(device)
+
+    def predict_path(self, rows: int, d: int, p: int) -> str:
+        return self._kernels.choose_path(rows, d, p)
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
