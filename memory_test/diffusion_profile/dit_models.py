@@ -57,35 +57,36 @@ DIT_MODELS: dict[str, DiTPreset] = {
 # "DiT-XL/2", "DiT-XL-4", "facebook/DiT-XL-2-256": family, patch size, optional image size.
 _NAME_RE = re.compile(r"^(?P<hub>facebook/)?DiT-(?P<family>S|B|L|XL)[/-](?P<patch>\d+)(?:-(?P<img>\d+))?$", re.I)
 # Checkpoints published on the Hub (pipeline layout, weights under transformer/).
-HUB_CHECKPOINTS = {("XL", 2, 256): "facebook/DiT-XL-2-256", ("XL", 2, 512): "facebook/DiT-XL-2-512"}
+HUB_CHECKPOINTS = ("facebook/DiT-XL-2-256", "facebook/DiT-XL-2-512")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A resolved model name: its preset (patch size applied), the image size it implies, and its Hub repo if any."""
+    """A resolved model name: its preset (patch size applied) and the image size it implies, if any."""
 
     preset: DiTPreset
     img_size: int | None
-    hub_repo_id: str | None
 
 
 def resolve_model_name(name: str) -> ModelSpec:
     """Map a preset name ("DiT-XL/2", "DiT-tiny") or Hub name ("facebook/DiT-XL-2-256") to its preset."""
     if name in DIT_MODELS:
-        preset = DIT_MODELS[name]
-        fam = name.removeprefix("DiT-").split("/")[0]
-        return ModelSpec(preset, None, HUB_CHECKPOINTS.get((fam, preset.patch_size, preset.img_size)))
+        return ModelSpec(DIT_MODELS[name], None)
     m = _NAME_RE.match(name)
     if m is None:
-        known = sorted(DIT_MODELS) + sorted(HUB_CHECKPOINTS.values())
+        known = sorted(DIT_MODELS) + list(HUB_CHECKPOINTS)
         raise ValueError(f"unknown DiT model {name!r}; known: {known} (other patch sizes: e.g. 'DiT-B/4')")
     family, patch = m["family"].upper(), int(m["patch"])
     preset = dataclasses.replace(DIT_MODELS[f"DiT-{family}/2"], name=f"DiT-{family}/{patch}", patch_size=patch)
     img = int(m["img"]) if m["img"] else None
     if m["hub"] and img is None:
         raise ValueError(f"Hub name {name!r} lacks the image size suffix, e.g. 'facebook/DiT-{family}-{patch}-256'")
-    repo = HUB_CHECKPOINTS.get((family, patch, img or preset.img_size))
-    return ModelSpec(preset, img, repo)
+    return ModelSpec(preset, img)
+
+
+def hub_checkpoint_for(config: dict) -> str | None:
+    """The Hub repo whose published DiT has exactly this config (as built by ``build_dit_config``), if any."""
+    return next((repo for repo in HUB_CHECKPOINTS if build_dit_config(repo) == config), None)
 
 
 def build_dit_config(
@@ -97,7 +98,7 @@ def build_dit_config(
     learn_sigma: bool = True,
 ) -> dict:
     """Validated kwargs for ``DiTTransformer2DModel(**kwargs)``; ``None`` arguments take the model's own values."""
-    spec = ModelSpec(model, None, None) if isinstance(model, DiTPreset) else resolve_model_name(model)
+    spec = ModelSpec(model, None) if isinstance(model, DiTPreset) else resolve_model_name(model)
     preset = spec.preset
     if img_size is None:
         img_size = spec.img_size or preset.img_size
