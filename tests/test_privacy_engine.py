@@ -203,3 +203,32 @@ def test_describe_layers_counts_block0_embedder_reuse_and_paths():
     assert layers["model.transformer_blocks.0.attn1.to_q"]["rows_per_sample"] == 4  # (4/2)² patches
     assert layers["model.pos_embed.proj"]["norm_path"] == "conv2d"
     assert sum(d["trainable_params"] for d in layers.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_bf16_autocast_bookkeeping_caches_low_precision_and_matches_two_pass():
+    """Under autocast BK caches the bf16 inputs autograd saves, norms accumulate in fp32, and the update agrees
+    with the two-pass mode to bf16 precision."""
+    base = TinyDiT()
+    x, t, y, target = make_batch(4, dtype=torch.float32)
+    updates, cached = {}, {}
+    for mode in ("ghost", "bookkeeping"):
+        model = TinyDiT()
+        model.load_state_dict(base.state_dict())
+        dp_model, opt, crit, _ = _make_private(model, mode=mode, max_grad_norm=0.05)
+        before = [p.detach().clone() for p in model.parameters()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = crit(dp_model(x, t, y), target)
+        qkv = next(s for s in dp_model._states if s.name.endswith("attn1.to_q"))
+        cached[mode] = qkv.uses[0].inputs[0].dtype
+        coef = dp_model.record_norms(loss.loss_per_sample, retain_graph=mode == "ghost")
+        assert dp_model._sq_norm.dtype == torch.float32 and coef.dtype == torch.float32
+        if mode == "ghost":
+            (coef * loss.loss_per_sample).sum().backward()
+        else:
+            dp_model.write_clipped_grads(coef)
+        dp_model.end_step()
+        opt.step()
+        updates[mode] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert cached["bookkeeping"] == torch.bfloat16
+    rel = (updates["bookkeeping"] - updates["ghost"]).norm() / updates["ghost"].norm()
+    assert 0 < rel < 2e-2

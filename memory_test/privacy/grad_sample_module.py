@@ -35,6 +35,28 @@ class _Tap(torch.autograd.Function):
         return grad, torch.zeros(()), None, None, None
 
 
+# Layers whose matmul autocast runs in lower precision: their input is cast before the layer (below).
+_AUTOCAST_LOWERED = (nn.Linear, nn.Conv2d)
+
+
+def _cast_input_like_autocast(module, inputs):
+    """Under autocast, cast the input to the autocast dtype before the layer rather than inside it.
+
+    The math is identical (autocast casts it anyway), but now autograd saves the very tensor book-keeping
+    caches, instead of BK holding the fp32 input beside autograd's low-precision copy.
+    """
+    x = inputs[0] if inputs else None
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    if x.dtype == dtype or x.dtype == torch.float64:
+        return None
+    return (x.to(dtype), *inputs[1:])
+
+
 class _LayerState:
     """Bookkeeping for one trainable module across the uses of one forward."""
 
@@ -71,6 +93,11 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._recording_backward = False
         self._states = self._build_states(m)
         self._handles = [s.module.register_forward_hook(self._make_forward_hook(s)) for s in self._states]
+        self._handles += [
+            s.module.register_forward_pre_hook(_cast_input_like_autocast)
+            for s in self._states
+            if type(s.module) in _AUTOCAST_LOWERED
+        ]
         self.norm_paths: dict[str, str] = {}
         self.dp_cache_peak_bytes = 0
         self._cache_bytes = 0
