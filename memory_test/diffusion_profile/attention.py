@@ -20,11 +20,6 @@ SDPA_NAMES = {
     SDPBackend.MATH: "math",
 }
 _HALF = (torch.float16, torch.bfloat16)
-# Order tried when FlashAttention cannot run: fused kernels before the O(S^2)-memory math kernel.
-_CUDA_FALLBACKS = (
-    (SDPBackend.CUDNN_ATTENTION, can_use_cudnn_attention),
-    (SDPBackend.EFFICIENT_ATTENTION, can_use_efficient_attention),
-)
 
 
 def _load_flash_attn() -> tuple[object | None, str]:
@@ -66,6 +61,7 @@ class RecordingAttnProcessor:
     def reset(self) -> None:
         self.calls.clear()
         self.fallbacks.clear()
+        self._cpu_choice.clear()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -118,13 +114,22 @@ class RecordingAttnProcessor:
             return SDPBackend.MATH
         if q.device.type == "cpu":
             return self._pick_cpu(q, k, v, scale)
-        params = SDPAParams(q, k, v, None, 0.0, False, False)
+        return self._pick_cuda(SDPAParams(q, k, v, None, 0.0, False, False))
+
+    def _pick_cuda(self, params: SDPAParams) -> SDPBackend:
+        """SDPA flash if it can run, else the first fused backend that can (recorded), else math (recorded)."""
         if can_use_sdpa_flash(params):
             return SDPBackend.FLASH_ATTENTION
+        q = params.query
         why = f"SDPA flash cannot run on {q.dtype} {q.device.type} inputs with head_dim={q.shape[-1]}"
         if self._flash_attn_reason:
             why = f"{self._flash_attn_reason}; {why}"
-        for backend, can_use in _CUDA_FALLBACKS:
+        # Fused kernels before the O(S^2)-memory math kernel.
+        fused = (
+            (SDPBackend.CUDNN_ATTENTION, can_use_cudnn_attention),
+            (SDPBackend.EFFICIENT_ATTENTION, can_use_efficient_attention),
+        )
+        for backend, can_use in fused:
             if can_use(params):
                 self._record_fallback(SDPA_NAMES[backend], why)
                 return backend
