@@ -232,3 +232,20 @@ def test_bf16_autocast_bookkeeping_caches_low_precision_and_matches_two_pass():
     assert cached["bookkeeping"] == torch.bfloat16
     rel = (updates["bookkeeping"] - updates["ghost"]).norm() / updates["ghost"].norm()
     assert 0 < rel < 2e-2
+
+
+def test_qkv_share_one_input_group_and_one_autocast_cast():
+    model = TinyDiT()
+    dp_model, _, crit, _ = _make_private(model)
+    calls = []
+    multi = dp_model.norm_backend.multi_linear_sq_norms
+    dp_model.norm_backend.multi_linear_sq_norms = lambda A, Gs, **kw: calls.append(len(Gs)) or multi(A, Gs, **kw)
+    x, t, y, target = make_batch(4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(dp_model(x, t, y), target)
+    by_name = {s.name: s for s in dp_model._states}
+    qkv = [by_name[f"model.transformer_blocks.0.attn1.to_{c}"].uses[0].inputs[0] for c in "qkv"]
+    assert len({a.untyped_storage().data_ptr() for a in qkv}) == 1  # one bf16 copy for the three layers
+    loss.backward()
+    assert calls.count(3) == 2  # q/k/v of each of the 2 blocks
+    assert 0 < dp_model.dp_cache_peak_bytes

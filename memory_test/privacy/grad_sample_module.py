@@ -16,7 +16,8 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
 from .errors import SharedParameterError, UnsupportedLayerError
-from .layer_rules import Use, rule_for
+from .layer_rules import LinearLikeRule, Use, rule_for
+from .step_cache import StepCache
 
 
 class _Tap(torch.autograd.Function):
@@ -35,26 +36,8 @@ class _Tap(torch.autograd.Function):
         return grad, torch.zeros(()), None, None, None
 
 
-# Layers whose matmul autocast runs in lower precision: their input is cast before the layer (below).
+# Layers whose matmul autocast runs in lower precision: their input is cast before the layer (see _cast_input).
 _AUTOCAST_LOWERED = (nn.Linear, nn.Conv2d)
-
-
-def _cast_input_like_autocast(module, inputs):
-    """Under autocast, cast the input to the autocast dtype before the layer rather than inside it.
-
-    The math is identical (autocast casts it anyway), but now autograd saves the very tensor book-keeping
-    caches, instead of BK holding the fp32 input beside autograd's low-precision copy.
-    """
-    x = inputs[0] if inputs else None
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    dtype = torch.get_autocast_dtype(device_type)
-    if x.dtype == dtype or x.dtype == torch.float64:
-        return None
-    return (x.to(dtype), *inputs[1:])
 
 
 class _LayerState:
@@ -65,6 +48,7 @@ class _LayerState:
         self.uses: list[Use] = []
         self.pending = 0  # uses whose output gradient has not arrived yet
         self.done = False
+        self.group = None  # InputGroup when this Linear shares its input with others (q, k, v)
 
     def params(self):
         return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
@@ -94,13 +78,12 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._states = self._build_states(m)
         self._handles = [s.module.register_forward_hook(self._make_forward_hook(s)) for s in self._states]
         self._handles += [
-            s.module.register_forward_pre_hook(_cast_input_like_autocast)
+            s.module.register_forward_pre_hook(self._cast_input)
             for s in self._states
             if type(s.module) in _AUTOCAST_LOWERED
         ]
         self.norm_paths: dict[str, str] = {}
-        self.dp_cache_peak_bytes = 0
-        self._cache_bytes = 0
+        self._cache = StepCache()
         self._sq_norm: torch.Tensor | None = None
         self._n = 0
         self._per_sample_gradient_norms = None
@@ -148,10 +131,29 @@ class DPGradSampleModule(AbstractGradSampleModule):
             use = Use(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
             state.uses.append(use)
             state.pending += 1
-            self._track_bytes(use.nbytes())
+            self._cache.hold(use.tensors())
+            if type(state.rule) is LinearLikeRule and state.group is None:
+                state.group = self._cache.group_for(inputs[0], state)
             return _Tap.apply(output, self._anchor, self, state, use)
 
         return hook
+
+    def _cast_input(self, module, inputs):
+        """Under autocast, cast a Linear/Conv2d input to the autocast dtype before the layer, not inside it.
+
+        The math is identical (autocast casts it anyway), but autograd now saves the very tensor book-keeping
+        caches instead of BK holding the fp32 input beside autograd's copy, and q, k, v share one cast.
+        """
+        x = inputs[0] if inputs else None
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and module.training and self.hooks_enabled):
+            return None
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.dtype in (dtype, torch.float64):
+            return None
+        return (self._cache.cast(x, dtype), *inputs[1:])
 
     hooks_enabled = True
 
@@ -167,32 +169,64 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._handles = []
 
     # ----- backward-time work --------------------------------------------------------------------------------
-    def _track_bytes(self, delta: int):
-        self._cache_bytes += delta
-        self.dp_cache_peak_bytes = max(self.dp_cache_peak_bytes, self._cache_bytes)
+    @property
+    def dp_cache_peak_bytes(self) -> int:
+        """Peak bytes of storage referenced by the engine's caches (layer inputs and output gradients).
+
+        Inputs are the tensors autograd also saves while backward runs; book-keeping keeps them, and the output
+        gradients, until every norm is known.
+        """
+        return self._cache.peak_bytes
 
     def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
         use.grad_output = grad
-        self._track_bytes(grad.numel() * grad.element_size())
+        self._cache.hold((grad,))
         state.pending -= 1
         if state.pending == 0:
             self._finish_layer(state)
 
-    def _finish_layer(self, state: _LayerState):
+    def _finish_layer(self, state: _LayerState, allow_group: bool = True):
         """All output gradients of this layer are in: add its exact per-sample squared norm."""
+        group = state.group
+        if allow_group and group is not None and len(group.members) > 1:
+            if any(len(m.uses) != 1 for m in group.members):
+                state.group = None  # a reused member: its rows are not the group's rows
+            else:
+                group.ready.append(state)
+                if len(group.ready) == len(group.members):
+                    self._finish_group(group)
+                return
         uses = [u for u in state.uses if u.grad_output is not None]  # a use whose output fed no loss adds 0
         if uses:
             sq, path = state.rule.sq_norm(state.module, uses, self._n, self.norm_backend)
-            self._sq_norm += sq.to(self._sq_norm.dtype)
-            self.norm_paths[state.name] = path
+            self._add_norm(state, sq, path)
+        self._done(state)
+
+    def _finish_group(self, group):
+        """Layers sharing one input: the backend may compute the input's Gram once for all of them."""
+        members = group.members
+        results = members[0].rule.group_sq_norms(
+            [m.module for m in members], [m.uses[0] for m in members], self._n, self.norm_backend
+        )
+        for state, (sq, path) in zip(members, results):
+            self._add_norm(state, sq, path)
+            self._done(state)
+
+    def _add_norm(self, state, sq, path):
+        self._sq_norm += sq.to(self._sq_norm.dtype)
+        self.norm_paths[state.name] = path
+
+    def _done(self, state):
         state.done = True
         if not self.keep_for_bookkeeping:
             self._release(state)
 
     def _release(self, state: _LayerState):
-        self._track_bytes(-sum(u.nbytes() for u in state.uses))
+        for use in state.uses:
+            self._cache.drop(use.tensors())
         state.uses = []
         state.pending = 0
+        state.group = None
 
     def record_norms(self, loss_per_sample: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
         """Backward of sum_i loss_i that only records per-sample norms; returns clipping coefficients (n,)."""
@@ -206,8 +240,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         finally:
             self._recording_backward = False
         for state in self._states:
-            if not state.done:  # a layer some of whose uses never reached the loss
-                self._finish_layer(state)
+            if not state.done:  # some uses (or group members) never reached the loss
+                self._finish_layer(state, allow_group=False)
         norms = self._sq_norm.sqrt()
         self._per_sample_gradient_norms = norms
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -231,6 +265,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
             for p in state.params():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+        self._cache.reset()
         self._sq_norm = None
 
     @property

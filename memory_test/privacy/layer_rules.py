@@ -27,11 +27,11 @@ class Use:
     inputs: tuple
     grad_output: torch.Tensor | None = None
 
-    def nbytes(self) -> int:
+    def tensors(self) -> list[torch.Tensor]:
         held = [t for t in self.inputs if isinstance(t, torch.Tensor)]
         if self.grad_output is not None:
             held.append(self.grad_output)
-        return sum(t.numel() * t.element_size() for t in held)
+        return held
 
 
 def _trainable(param: torch.Tensor | None) -> bool:
@@ -79,6 +79,17 @@ class LinearLikeRule:
         if b_sq is not None:
             total = total + b_sq
         return total, path
+
+    def group_sq_norms(self, modules, uses, n, backend) -> list[tuple[torch.Tensor, str]]:
+        """Linears fed one input (one use each): the backend may share the input's Gram across them."""
+        A = _per_sample_rows(uses[0].inputs[0], n)
+        Gs = [_per_sample_rows(u.grad_output, n) for u in uses]
+        with_bias = [_trainable(m.bias) for m in modules]
+        out = []
+        for m, (w_sq, b_sq, path) in zip(modules, backend.multi_linear_sq_norms(A, Gs, with_bias=with_bias)):
+            total = w_sq if _trainable(m.weight) else torch.zeros_like(w_sq)
+            out.append((total + b_sq if b_sq is not None else total, path))
+        return out
 
     def clipped_grads(self, module, uses, n, coef) -> dict:
         weight, bias = self.weight_and_bias(module)

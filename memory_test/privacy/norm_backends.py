@@ -35,6 +35,10 @@ class GhostNorms:
         # ||Σ_t g_t||² is the sum of every entry of G Gᵀ, already in memory.
         return w_sq, (ggT.sum(dim=(1, 2)) if with_bias else None), "gram"
 
+    def multi_linear_sq_norms(self, A, Gs, *, with_bias):
+        """One layer at a time, as Opacus does: ghost is the unfused baseline."""
+        return [self.linear_sq_norms(A, G, with_bias=b) for G, b in zip(Gs, with_bias)]
+
 
 class FlashNorms:
     """Fused per-sample norm kernels (memory_test.kernels): Gram or direct path chosen per layer by cost."""
@@ -55,6 +59,9 @@ class FlashNorms:
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
+
+    def multi_linear_sq_norms(self, A, Gs, *, with_bias):
+        return self._kernels.multi_linear_sq_norms(A, Gs, with_bias=with_bias)
 
 
 NORM_BACKENDS = {GHOST: GhostNorms, FLASH: FlashNorms}
