@@ -178,6 +178,10 @@ class DPGradSampleModule(AbstractGradSampleModule):
         """
         return self._cache.peak_bytes
 
+    def reset_dp_cache_peak(self) -> None:
+        """Restart the peak from what the caches hold now (e.g. after warm-up steps)."""
+        self._cache.peak_bytes = self._cache.bytes
+
     def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
         use.grad_output = grad
         self._cache.hold((grad,))
