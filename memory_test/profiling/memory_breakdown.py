@@ -1,0 +1,69 @@
+"""Where the peak went: weights, gradients, optimizer state, DP state and the (derived) remainder.
+
+Measured parts are byte counts of live tensors taken after the last measured step (before ``zero_grad``) or, for
+the DP state, the engine's own peak counter. ``activations_and_other`` is derived as ``peak - sum(parts)``: it
+holds activations saved for backward, temporaries, workspace and anything else; with gradients released during
+the step (``zero_grad(set_to_none=True)``) the gradient part is an upper bound of what was live at the peak, so the
+remainder is then a lower bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PARTS = ("weights", "gradients", "optimizer_state", "dp_state", "activations_and_other")
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters (trainable and frozen) and buffers."""
+    return _unique_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def grad_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameter-shaped ``.grad`` tensors alive now."""
+    return _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state`` (e.g. Adam's two moments and step counters)."""
+    tensors = []
+    for state in optimizer.state.values():
+        tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    return _unique_bytes(tensors)
+
+
+def build_breakdown(peak_bytes: int | None, measured: dict[str, int | None]) -> dict:
+    """Parts that add up to ``peak_bytes``: the measured ones plus the derived ``activations_and_other``."""
+    parts = {k: int(measured.get(k) or 0) for k in PARTS if k != "activations_and_other"}
+    out = {
+        "total_bytes": peak_bytes,
+        "parts_bytes": dict(parts),
+        "measured": [k for k in parts if measured.get(k) is not None],
+        "derived": ["activations_and_other"],
+        "not_available": [k for k in parts if measured.get(k) is None],
+    }
+    if peak_bytes is None:
+        out["parts_bytes"]["activations_and_other"] = None
+        out["note"] = "no peak counter on this device: parts are listed without a remainder"
+        return out
+    rest = int(peak_bytes) - sum(parts.values())
+    out["parts_bytes"]["activations_and_other"] = rest
+    if rest < 0:
+        out["note"] = (
+            "measured parts exceed the peak (tensors allocated after the peak moment, or a sampled peak that "
+            "missed the spike); the remainder is negative"
+        )
+    return out
