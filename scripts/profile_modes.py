@@ -1,0 +1,194 @@
+"""Where the time and memory of each mode go on DiT-XL/2: phase split, kernel categories, BK cache, profiler tables.
+
+    python scripts/profile_modes.py --batch-size 128 --precision fp32 --modes vanilla,flash_clip_bk --out-dir $OUT
+
+For each mode, in one process (a same-run comparison): 3 warm-up steps, 6 timed steps (median, CUDA events around
+forward / backward / optimizer), one step under torch.profiler whose CUDA kernels are summed by category.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
+from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext  # noqa: E402
+
+# Substrings of CUDA kernel names -> category; first match wins.
+CATEGORIES = (
+    ("norm_kernels", ("_gram", "_direct", "flash_norm", "sq_norm")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("gemm", ("gemm", "cutlass", "xmma", "sm90", "sm80", "cublas", "matmul")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "fill")),
+    ("reduce", ("reduce", "norm")),
+)
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def build(args, device):
+    with torch.device(device):  # init on the GPU: CPU init of 750M parameters costs seconds per process
+        model = DiTHuggingFaceWrapper(model_name=args.model, pretrained=False, use_flash_attention=True).train()
+    return model
+
+
+def run_mode(name, args, device, x0, labels):
+    torch.manual_seed(0)
+    model = build(args, device)
+    ctx = RunContext(
+        device=device,
+        batch_size=args.batch_size,
+        noise_multiplicity=args.noise_multiplicity,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        optimizer="adamw",
+        lr=1e-4,
+        seed=0,
+    )
+    prepared = EXPERIMENTS[name].prepare(model, ctx)
+    net, opt, loss_fn = prepared.model, prepared.optimizer, prepared.loss_fn
+    schedule = NoiseSchedule()
+    schedule.alphas_cumprod = schedule.alphas_cumprod.to(device)
+    gen = torch.Generator(device=device).manual_seed(2)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step(events=None):
+        x_t, t, y, eps = make_noisy_batch(x0, labels, args.noise_multiplicity, generator=gen, schedule=schedule)
+        if events:
+            events[0].record()
+        with amp:
+            pred = net(x_t, t, y)
+        loss = loss_fn(pred, eps)
+        if events:
+            events[1].record()
+        loss.backward()
+        if events:
+            events[2].record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if events:
+            events[3].record()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if hasattr(net, "reset_dp_cache_peak"):
+        net.reset_dp_cache_peak()
+    phases = {"forward": [], "backward": [], "optimizer": [], "step": []}
+    for _ in range(6):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        step(ev)
+        torch.cuda.synchronize()
+        phases["forward"].append(ev[0].elapsed_time(ev[1]))
+        phases["backward"].append(ev[1].elapsed_time(ev[2]))
+        phases["optimizer"].append(ev[2].elapsed_time(ev[3]))
+        phases["step"].append(ev[0].elapsed_time(ev[3]))
+    peak = torch.cuda.max_memory_allocated()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        step()
+        torch.cuda.synchronize()
+    cats, kernels = {}, {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
+            cats[categorize(evt.key)] = cats.get(categorize(evt.key), 0.0) + dev_us / 1e3
+            kernels[evt.key] = dev_us / 1e3
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+    with open(os.path.join(args.out_dir, f"profile_{name}_{args.precision}_b{args.batch_size}.txt"), "w") as f:
+        f.write(table)
+    result = {
+        "phases_ms_median": {k: statistics.median(v) for k, v in phases.items()},
+        "peak_allocated_bytes": peak,
+        "dp_cache_peak_bytes": getattr(net, "dp_cache_peak_bytes", None),
+        "gpu_kernel_ms_by_category": cats,
+        "gpu_kernel_ms_total": sum(cats.values()),
+        "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12]),
+        "norm_path_counts": _counts(getattr(net, "norm_paths", {})),
+        "kernel_backend": net.kernel_backend() if hasattr(net, "kernel_backend") else None,
+        "attention_backend": model.attention_backend,
+    }
+    return result
+
+
+def _counts(paths):
+    out = {}
+    for p in paths.values():
+        out[p] = out.get(p, 0) + 1
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="DiT-XL/2")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--noise-multiplicity", type=int, default=1)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--modes", default="vanilla,bookkeeping,flash_clip_bk")
+    ap.add_argument("--out-dir", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 means TF32 matmuls, as DiT trains
+    torch.backends.cudnn.allow_tf32 = True
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(1)
+    x0 = torch.randn(args.batch_size, 4, 32, 32, device=device, generator=gen)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device, generator=gen)
+    results = {}
+    for name in args.modes.split(","):
+        t0 = time.time()
+        try:
+            results[name] = run_mode(name, args, device, x0, labels)
+            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as e:
+            results[name] = {"status": "oom", "message": str(e).splitlines()[0]}
+            torch.cuda.empty_cache()
+        results[name]["wall_s"] = time.time() - t0
+        print(name, json.dumps(results[name].get("phases_ms_median", results[name])), flush=True)
+    record = {
+        "config": vars(args),
+        "env": {
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "modes": results,
+    }
+    path = os.path.join(args.out_dir, f"profile_{args.precision}_b{args.batch_size}_k{args.noise_multiplicity}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    base = results.get("vanilla", {}).get("phases_ms_median", {}).get("step")
+    peak0 = results.get("vanilla", {}).get("peak_allocated_bytes")
+    print(f"{'mode':16s} {'step':>8s} {'fwd':>7s} {'bwd':>7s} {'opt':>6s} {'x van':>6s} {'peak GiB':>9s} {'x van':>6s}")
+    for name, r in results.items():
+        if "phases_ms_median" not in r:
+            print(f"{name:16s} {r.get('status')}")
+            continue
+        ph = r["phases_ms_median"]
+        ratio_t = ph["step"] / base if base else float("nan")
+        ratio_m = r["peak_allocated_bytes"] / peak0 if peak0 else float("nan")
+        print(
+            f"{name:16s} {ph['step']:8.1f} {ph['forward']:7.1f} {ph['backward']:7.1f} {ph['optimizer']:6.1f} "
+            f"{ratio_t:6.3f} {r['peak_allocated_bytes'] / 2**30:9.2f} {ratio_m:6.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
