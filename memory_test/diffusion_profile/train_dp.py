@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many logical steps")
     p.add_argument("--batch-size", type=int, default=256, help="expected logical batch; sampling rate q = 1/ceil(N/B)")
-    p.add_argument("--physical-batch-size", type=int, default=32, help="rows of samples per forward/backward")
+    p.add_argument("--physical-batch-size", type=int, default=32, help="samples per forward/backward (K rows each)")
     p.add_argument("--noise-multiplicity", type=int, default=1, help="K (t, ε) draws per sample, averaged (DPDM)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
@@ -195,7 +195,12 @@ def train(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dataset = LatentDataset(args.latents)
     check_dataset(dataset, args.delta)
-    ckpt = load_checkpoint(args.checkpoint) if args.resume and Path(args.checkpoint).exists() else None
+    ckpt = None
+    if args.resume:
+        if Path(args.checkpoint).exists():
+            ckpt = load_checkpoint(args.checkpoint)
+        else:  # said out loud: a typo in the path would otherwise restart the privacy ledger unnoticed
+            print(f"--resume: no checkpoint at {args.checkpoint}, starting a new run and ledger")
 
     privacy = {
         "mode": resolve_mode(args.mode).name if args.mode != "hooks" else "hooks",
@@ -282,7 +287,7 @@ def train(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         )
     total = args.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=ledger_steps(engine.accountant), unit="step", disable=args.no_progress)
-    stopped = False
+    stopped = args.max_steps is not None and ledger_steps(engine.accountant) >= args.max_steps
     while epoch < args.epochs and not stopped:
         loss_sum, loss_n = 0.0, 0
         with BatchMemoryManager(
