@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,7 +101,9 @@ def build_parser(experiment_names: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--probe-num-iter", type=int, default=2)
     s.add_argument("--probe-warmup-iter", type=int, default=1)
     s.add_argument("--probe-timeout", type=float, default=900.0, help="seconds per probe")
-    p.add_argument("--record-skip", default=None, metavar="REASON", help=argparse.SUPPRESS)  # used by the sweep
+    # Used by run_all_experiments.sh: write a "skipped" or "error" record for this config without running it.
+    p.add_argument("--record-only", choices=("skipped", "error"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--record-message", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -686,10 +689,15 @@ def find_max_batch(config: dict, device, args: argparse.Namespace) -> tuple[dict
 # ----- entry point --------------------------------------------------------------------------------------------
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the benchmark seeds its noise on purpose
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: no record, probe processes killed
     from memory_test.diffusion_profile.experiments import experiment_names
 
     parser = build_parser(experiment_names())
@@ -702,9 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
 
-    if args.record_skip:
-        rec = base_record(config, _env(device))
-        rec.update(status="skipped", message=args.record_skip, exit_code=records.EXIT_OK)
+    if args.record_only:
+        rec = base_record(config, _env(device), record_type="max_batch" if args.find_max_batch else "run")
+        if args.find_max_batch:
+            rec["max_batch"] = {"max_batch_size": None, "first_oom_batch_size": None, "probes": []}
+        message = args.record_message or f"recorded as {args.record_only} without running"
+        rec.update(status=args.record_only, message=message, exit_code=None, recorded_by="sweep")
         records.write_record_atomic(args.output, rec)
         return records.EXIT_OK
     if args.find_max_batch:

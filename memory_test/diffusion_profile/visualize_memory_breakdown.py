@@ -1,0 +1,478 @@
+#!/usr/bin/env python3
+"""Charts and a summary table from a folder of single_experiment.py records (never imports torch).
+
+    python memory_test/diffusion_profile/visualize_memory_breakdown.py --results-dir results/diffusion_profile
+
+Writes into ``<results-dir>/plots`` (or ``--out-dir``), one set per setting (device, model, image size, precision,
+noise multiplicity, attention): memory breakdown bars with the peak marked, peak memory vs batch size, step time and
+throughput vs batch size, the memory-time trade-off, max batch per mode, each DP mode's ratio to vanilla; plus
+``summary.md``. Records measured on different devices never share a chart. OOM records are drawn as OOM; corrupt
+or foreign JSON files are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from memory_test.profiling.records import device_label, load_records  # noqa: E402
+
+PARTS = ("weights", "gradients", "optimizer_state", "dp_state", "activations_and_other")
+PART_COLORS = {
+    "weights": "#4c72b0",
+    "gradients": "#55a868",
+    "optimizer_state": "#8172b2",
+    "dp_state": "#c44e52",
+    "activations_and_other": "#ccb974",
+}
+SETTING_KEYS = ("device", "model", "image_size", "precision", "noise_multiplicity", "attention")
+
+
+# ----- records -> tables --------------------------------------------------------------------------------------
+
+
+def _get(d, *path, default=None):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, max_batch) tables, one row per record; the latest record wins for a repeated configuration."""
+    runs, maxb = [], []
+    for r in recs:
+        cfg = r["config"]
+        row = {
+            "device": device_label(r),
+            "model": cfg.get("model"),
+            "image_size": cfg.get("image_size"),
+            "precision": cfg.get("precision"),
+            "noise_multiplicity": cfg.get("noise_multiplicity", 1),
+            "attention": "flash" if cfg.get("use_flash_attention", True) else "no-flash",
+            "experiment": r["experiment"],
+            "private": cfg.get("private", r["experiment"] != "vanilla"),
+            "batch_size": cfg.get("batch_size"),
+            "status": r["status"],
+            "message": r.get("message"),
+            "utc_time": _get(r, "env", "utc_time", default=""),
+            "path": r.get("_path"),
+        }
+        if r["record_type"] == "max_batch":
+            row["max_batch_size"] = _get(r, "max_batch", "max_batch_size")
+            row["first_oom_batch_size"] = _get(r, "max_batch", "first_oom_batch_size")
+            row["limit_reached"] = _get(r, "max_batch", "limit_reached")
+            maxb.append(row)
+            continue
+        mem, timing = r.get("memory") or {}, r.get("timing") or {}
+        parts = _get(mem, "breakdown", "parts_bytes", default={}) or {}
+        row.update(
+            total_bytes=mem.get("total_bytes"),
+            peak_allocated_bytes=mem.get("peak_allocated_bytes"),
+            peak_reserved_bytes=mem.get("peak_reserved_bytes"),
+            sampled_peak_bytes=mem.get("sampled_peak_bytes"),
+            median_ms=timing.get("median_ms"),
+            p20_ms=timing.get("p20_ms"),
+            p80_ms=timing.get("p80_ms"),
+            samples_per_s=timing.get("samples_per_s"),
+            attention_backend=_get(r, "backends", "attention"),
+            kernel_backend=_get(r, "backends", "kernel_backend"),
+            epsilon=_get(r, "privacy", "epsilon"),
+        )
+        for p in PARTS:
+            row[p] = parts.get(p)
+        runs.append(row)
+    cols = [*SETTING_KEYS, "experiment", "batch_size"]
+    out = []
+    for rows in (runs, maxb):
+        df = pd.DataFrame(rows)
+        if not df.empty:
+            df = df.sort_values("utc_time").drop_duplicates(subset=cols, keep="last")
+            df = df.sort_values([*SETTING_KEYS, "experiment", "batch_size"], kind="stable").reset_index(drop=True)
+        out.append(df)
+    runs_df, max_df = out
+    if not max_df.empty:  # one search per experiment and setting (its batch_size column is the result)
+        max_df = max_df.sort_values("utc_time").drop_duplicates(subset=[*SETTING_KEYS, "experiment"], keep="last")
+    return runs_df, max_df
+
+
+def add_vanilla_ratios(runs: pd.DataFrame) -> pd.DataFrame:
+    """Columns mem_x_vanilla and time_x_vanilla: this run divided by vanilla at the same setting and batch size."""
+    if runs.empty:
+        return runs
+    ok = runs[(runs["status"] == "ok") & (runs["experiment"] == "vanilla")]
+    ref = ok.set_index([*SETTING_KEYS, "batch_size"])[["total_bytes", "median_ms"]]
+    ref = ref.rename(columns={"total_bytes": "_v_mem", "median_ms": "_v_ms"})
+    runs = runs.join(ref, on=[*SETTING_KEYS, "batch_size"])
+    good = runs["status"] == "ok"
+    runs["mem_x_vanilla"] = (runs["total_bytes"] / runs["_v_mem"]).where(good)
+    runs["time_x_vanilla"] = (runs["median_ms"] / runs["_v_ms"]).where(good)
+    return runs.drop(columns=["_v_mem", "_v_ms"])
+
+
+# ----- formatting ---------------------------------------------------------------------------------------------
+
+
+def _unit(max_bytes: float) -> tuple[float, str]:
+    return (2**30, "GiB") if max_bytes >= 2 * 2**30 else (2**20, "MiB")
+
+
+def _slug(setting: dict) -> str:
+    text = "__".join(str(setting[k]) for k in SETTING_KEYS)
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def _title(setting: dict) -> str:
+    k = setting["noise_multiplicity"]
+    return (
+        f"{setting['model']} {setting['image_size']}px, {setting['precision']}, {setting['attention']} attention"
+        f"{f', K={k}' if k != 1 else ''} on {setting['device']}"
+    )
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    return format(v, spec)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (no `tabulate` dependency)."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        cells = ["" if (isinstance(v, float) and pd.isna(v)) or v is None else str(v) for v in row]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _experiment_order(df: pd.DataFrame) -> list[str]:
+    names = list(dict.fromkeys(df["experiment"]))
+    return sorted(names, key=lambda n: (n != "vanilla", not n.startswith("opacus_"), n))
+
+
+def _colors(experiments: list[str]) -> dict:
+    cmap = plt.get_cmap("tab10")
+    return {e: cmap(i % 10) for i, e in enumerate(experiments)}
+
+
+# ----- charts -------------------------------------------------------------------------------------------------
+
+
+def plot_breakdown(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
+    batches = sorted(df["batch_size"].unique())[-6:]
+    if not batches:
+        return None
+    exps = _experiment_order(df)
+    scale, unit = _unit(float(pd.concat([df["total_bytes"], df["peak_reserved_bytes"]]).max(skipna=True) or 1))
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(6, 1.2 * len(exps) * len(batches) + 2), 5), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        sub = df[df["batch_size"] == b].set_index("experiment")
+        for x, e in enumerate(exps):
+            if e not in sub.index:
+                continue
+            r = sub.loc[e]
+            if r["status"] != "ok" or pd.isna(r["total_bytes"]):
+                ax.text(x, 0, r["status"].upper(), ha="center", va="bottom", rotation=90, color="crimson", fontsize=9)
+                continue
+            bottom = 0.0
+            for p in PARTS:
+                v = r[p]
+                if pd.isna(v) or v == 0:
+                    continue
+                v = v / scale
+                ax.bar(x, v, bottom=bottom if v > 0 else 0, color=PART_COLORS[p], width=0.7, label=p)
+                bottom += max(v, 0)
+            peak = r["total_bytes"] / scale
+            ax.plot([x - 0.4, x + 0.4], [peak, peak], color="black", lw=2, label="peak")
+            if not pd.isna(r["peak_reserved_bytes"]):
+                ax.plot(x, r["peak_reserved_bytes"] / scale, marker="_", ms=22, color="grey", label="peak reserved")
+        ax.set_xticks(range(len(exps)), exps, rotation=45, ha="right")
+        ax.set_title(f"batch {b}")
+        ax.set_ylabel(f"memory ({unit})")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=PART_COLORS[p], label=p) for p in reversed(PARTS)]
+    handles += [Line2D([], [], color="black", lw=2, label="peak (total)")]
+    if df["peak_reserved_bytes"].notna().any():
+        handles += [Line2D([], [], color="grey", marker="_", ms=14, ls="", label="peak reserved")]
+    fig.legend(handles=handles, loc="upper right", fontsize=8)
+    fig.suptitle("Memory breakdown at the peak (activations_and_other = peak - measured parts)\n" + _title(setting))
+    fig.tight_layout(rect=(0, 0, 0.85, 0.92))
+    return _save(fig, out)
+
+
+def _oom_marks(ax, df, exps, colors, xcol="batch_size"):
+    top = ax.get_ylim()[1]
+    for e in exps:
+        bad = df[(df["experiment"] == e) & (df["status"] == "oom")]
+        for _, r in bad.iterrows():
+            ax.plot(r[xcol], top, marker="x", ms=10, mew=2, color=colors[e], clip_on=False)
+            ax.annotate("OOM", (r[xcol], top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+
+
+def plot_peak_vs_batch(df: pd.DataFrame, setting: dict, out: Path) -> Path:
+    exps = _experiment_order(df)
+    colors = _colors(exps)
+    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for e in exps:
+        ok = df[(df["experiment"] == e) & (df["status"] == "ok")]
+        if not ok.empty:
+            ax.plot(ok["batch_size"], ok["total_bytes"] / scale, marker="o", color=colors[e], label=e)
+    for e in exps:  # an experiment with no ok point still gets a legend entry
+        if df[(df["experiment"] == e) & (df["status"] == "ok")].empty:
+            ax.plot([], [], marker="x", ls="", color=colors[e], label=f"{e} (no ok run)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"peak memory ({unit})")
+    total = setting.get("_gpu_total_bytes")
+    if total:
+        ax.axhline(total / scale, color="grey", ls="--", lw=1, label="device memory")
+    _oom_marks(ax, df, exps, colors)
+    ax.legend(fontsize=8)
+    ax.set_title("Peak memory vs batch size (x at the top: OOM)\n" + _title(setting), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_time_vs_batch(df: pd.DataFrame, setting: dict, out: Path) -> Path:
+    exps = _experiment_order(df)
+    colors = _colors(exps)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for e in exps:
+        ok = df[(df["experiment"] == e) & (df["status"] == "ok")]
+        if ok.empty:
+            continue
+        err = [ok["median_ms"] - ok["p20_ms"], ok["p80_ms"] - ok["median_ms"]]
+        ax1.errorbar(ok["batch_size"], ok["median_ms"], yerr=err, marker="o", capsize=3, color=colors[e], label=e)
+        ax2.plot(ok["batch_size"], ok["samples_per_s"], marker="o", color=colors[e], label=e)
+    for ax, ylabel in ((ax1, "median step time (ms), p20-p80"), (ax2, "samples / s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        _oom_marks(ax, df, exps, colors)
+        ax.legend(fontsize=8)
+    fig.suptitle("Step time and throughput vs batch size\n" + _title(setting), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_tradeoff(df: pd.DataFrame, setting: dict, out: Path) -> Path:
+    exps = _experiment_order(df)
+    colors = _colors(exps)
+    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for e in exps:
+        ok = df[(df["experiment"] == e) & (df["status"] == "ok")].sort_values("batch_size")
+        if ok.empty:
+            continue
+        ax.plot(ok["median_ms"], ok["total_bytes"] / scale, marker="o", color=colors[e], label=e)
+        for _, r in ok.iterrows():
+            ax.annotate(
+                f"B={r['batch_size']}",
+                (r["median_ms"], r["total_bytes"] / scale),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("median step time (ms)")
+    ax.set_ylabel(f"peak memory ({unit})")
+    ax.legend(fontsize=8)
+    ax.set_title("Memory-time trade-off (lower left is better)\n" + _title(setting), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def max_batch_table(runs: pd.DataFrame, maxb: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment: the searched max batch if a search record exists, else the largest ok batch of the grid."""
+    rows = {}
+    for _, r in runs[runs["status"] == "ok"].iterrows() if not runs.empty else []:
+        cur = rows.get(r["experiment"])
+        if cur is None or r["batch_size"] > cur["max_batch"]:
+            rows[r["experiment"]] = {"experiment": r["experiment"], "max_batch": r["batch_size"], "source": "grid"}
+    for _, r in maxb.iterrows() if not maxb.empty else []:
+        if r["status"] == "ok" and not pd.isna(r.get("max_batch_size")):
+            src = "search (limit reached)" if r.get("limit_reached") else "search"
+            rows[r["experiment"]] = {
+                "experiment": r["experiment"],
+                "max_batch": int(r["max_batch_size"]),
+                "source": src,
+            }
+        elif r["status"] == "oom":
+            rows[r["experiment"]] = {"experiment": r["experiment"], "max_batch": 0, "source": "search: OOM at start"}
+    return pd.DataFrame(list(rows.values()), columns=["experiment", "max_batch", "source"])
+
+
+def plot_max_batch(table: pd.DataFrame, setting: dict, out: Path) -> Path | None:
+    if table.empty:
+        return None
+    exps = [e for e in _experiment_order(table) if e in set(table["experiment"])]
+    t = table.set_index("experiment").loc[exps]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(exps) + 2), 4.5))
+    for x, (_, r) in enumerate(t.iterrows()):
+        grid = r["source"] == "grid"
+        ax.bar(x, r["max_batch"], color="#bbbbbb" if grid else "#4c72b0", hatch="//" if grid else None)
+        ax.text(x, r["max_batch"], f"{r['max_batch']}{'+' if grid else ''}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(exps)), exps, rotation=45, ha="right")
+    ax.set_ylabel("max batch size")
+    ax.set_title("Largest batch that fits (hatched: largest ok batch of the grid, a lower bound)\n" + _title(setting))
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_ratio(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
+    dp = df[(df["experiment"] != "vanilla") & df["mem_x_vanilla"].notna()]
+    if dp.empty:
+        return None
+    exps = _experiment_order(dp)
+    colors = _colors(_experiment_order(df))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for e in exps:
+        sub = dp[dp["experiment"] == e].sort_values("batch_size")
+        ax1.plot(sub["batch_size"], sub["mem_x_vanilla"], marker="o", color=colors[e], label=e)
+        ax2.plot(sub["batch_size"], sub["time_x_vanilla"], marker="o", color=colors[e], label=e)
+    for ax, what in ((ax1, "peak memory"), (ax2, "median step time")):
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{what} / vanilla")
+        ax.legend(fontsize=8)
+    fig.suptitle("Each DP mode relative to vanilla at the same batch size\n" + _title(setting), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----- summary ------------------------------------------------------------------------------------------------
+
+
+def summary_section(df: pd.DataFrame, mb: pd.DataFrame, setting: dict, charts: list[Path]) -> str:
+    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1)) if not df.empty else (2**20, "MiB")
+    lines = [f"## {_title(setting)}", ""]
+    if not df.empty:
+        t = pd.DataFrame(
+            {
+                "experiment": df["experiment"],
+                "batch": df["batch_size"],
+                "status": df["status"].str.upper().where(df["status"] != "ok", "ok"),
+                f"peak ({unit})": [_fmt(v / scale if v is not None else None, ".2f") for v in df["total_bytes"]],
+                f"reserved ({unit})": [
+                    _fmt(v / scale if v is not None else None, ".2f") for v in df["peak_reserved_bytes"]
+                ],
+                "median step (ms)": [_fmt(v, ".1f") for v in df["median_ms"]],
+                "samples/s": [_fmt(v, ".1f") for v in df["samples_per_s"]],
+                "mem × vanilla": [_fmt(v, ".2f") for v in df["mem_x_vanilla"]],
+                "time × vanilla": [_fmt(v, ".2f") for v in df["time_x_vanilla"]],
+                "attention": df["attention_backend"].fillna(""),
+                "kernels": df["kernel_backend"].fillna(""),
+            }
+        )
+        lines += [markdown_table(t), ""]
+        notes = df[df["status"].isin(["error", "skipped"])]
+        for _, r in notes.iterrows():
+            lines.append(f"- {r['experiment']} batch {r['batch_size']}: {r['status']}: {str(r['message'])[:300]}")
+        if not notes.empty:
+            lines.append("")
+    if not mb.empty:
+        lines += ["Max batch per experiment:", "", markdown_table(mb), ""]
+    if charts:
+        lines += ["Charts: " + ", ".join(f"[{p.name}]({p.name})" for p in charts), ""]
+    return "\n".join(lines)
+
+
+def _select(frame: pd.DataFrame, setting: dict) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    keys = list(SETTING_KEYS)
+    return frame[(frame[keys] == pd.Series({k: setting[k] for k in keys})).all(axis=1)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results-dir", required=True, help="folder of JSON records (searched recursively)")
+    ap.add_argument("--out-dir", default=None, help="where PNGs and summary.md go (default: <results-dir>/plots)")
+    args = ap.parse_args(argv)
+    results = Path(args.results_dir)
+    if not results.is_dir():
+        print(f"visualize_memory_breakdown.py: error: --results-dir {results} is not a folder", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+
+    def warn(msg: str) -> None:
+        skipped.append(msg)
+        print(f"warning: {msg}", file=sys.stderr)
+
+    recs = load_records(results, warn=warn)
+    runs, maxb = records_to_frames(recs)
+    runs = add_vanilla_ratios(runs)
+    gpu_mem = {device_label(r): r["env"].get("gpu_total_memory_bytes") for r in recs}
+    settings = []
+    for frame in (runs, maxb):
+        if not frame.empty:
+            settings += [tuple(x) for x in frame[list(SETTING_KEYS)].drop_duplicates().itertuples(index=False)]
+    settings = sorted(set(settings), key=lambda s: tuple(str(x) for x in s))
+
+    sections, written = [], []
+    for values in settings:
+        setting = dict(zip(SETTING_KEYS, values))
+        df, mb_df = _select(runs, setting), _select(maxb, setting)
+        setting["_gpu_total_bytes"] = gpu_mem.get(setting["device"])
+        slug = _slug(setting)
+        charts = []
+        if not df.empty:
+            for name, fn in (
+                ("breakdown", plot_breakdown),
+                ("peak_memory_vs_batch", plot_peak_vs_batch),
+                ("time_throughput_vs_batch", plot_time_vs_batch),
+                ("memory_time_tradeoff", plot_tradeoff),
+                ("ratio_to_vanilla", plot_ratio),
+            ):
+                p = fn(df, setting, out_dir / f"{name}__{slug}.png")
+                if p is not None:
+                    charts.append(p)
+        mbt = max_batch_table(df, mb_df)
+        p = plot_max_batch(mbt, setting, out_dir / f"max_batch__{slug}.png")
+        if p is not None:
+            charts.append(p)
+        written += charts
+        sections.append(summary_section(df, mbt, setting, charts))
+
+    head = [
+        "# DiT DP-SGD profiling summary",
+        "",
+        f"{len(recs)} record(s) from `{results}`. Peak = torch allocator peak after warm-up on GPU (process RSS growth "
+        "on CPU); step time = median of the measured steps. `× vanilla`: ratio to vanilla at the same setting and "
+        "batch size.",
+        "",
+    ]
+    if not recs:
+        head += ["No valid records found.", ""]
+    tail = ["## Skipped files", ""] + [f"- {s}" for s in skipped] + [""] if skipped else []
+    (out_dir / "summary.md").write_text("\n".join(head + sections + tail))
+    print(f"wrote {len(written)} chart(s) and {out_dir / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
