@@ -228,6 +228,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
     def _release(self, state: _LayerState):
         for use in state.uses:
             self._cache.drop(use.tensors())
+            use.release()  # the tap nodes of a retained graph still reference the Use: drop its tensors now
         state.uses = []
         state.pending = 0
         state.group = None

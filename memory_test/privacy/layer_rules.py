@@ -27,6 +27,9 @@ class Use:
     inputs: tuple
     grad_output: torch.Tensor | None = None
 
+    def release(self) -> None:
+        self.inputs, self.grad_output = (), None
+
     def tensors(self) -> list[torch.Tensor]:
         held = [t for t in self.inputs if isinstance(t, torch.Tensor)]
         if self.grad_output is not None:
