@@ -249,3 +249,19 @@ def test_qkv_share_one_input_group_and_one_autocast_cast():
     loss.backward()
     assert calls.count(3) == 2  # q/k/v of each of the 2 blocks
     assert 0 < dp_model.dp_cache_peak_bytes
+
+
+def test_two_pass_frees_output_gradients_before_the_second_backward():
+    """The retained graph's taps must not keep the first pass's output gradients alive."""
+    import gc
+    import weakref
+
+    dp_model, _, crit, _ = _make_private(TinyDiT(), mode="ghost")
+    refs = []
+    on_grad = dp_model._on_grad_output
+    dp_model._on_grad_output = lambda state, use, grad: refs.append(weakref.ref(grad)) or on_grad(state, use, grad)
+    x, t, y, target = make_batch(4, dtype=torch.float32)
+    loss = crit(dp_model(x, t, y), target)
+    dp_model.record_norms(loss.loss_per_sample, retain_graph=True)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
