@@ -1,0 +1,1 @@
+"""Triton per-sample-norm kernels, each beside its launcher and its torch reference."""

@@ -1,0 +1,211 @@
+"""Per-sample squared gradient norms of Linear layers ("flash" norms): path choice, backend choice, launchers.
+
+A is a layer's input (B, T, d) or (B, d), G its output gradient (B, T, p) or (B, p). Results are fp32 (float64 for
+float64 inputs). Backends: "triton" runs the fused kernels (CUDA, or CPU under TRITON_INTERPRET=1); "torch" runs
+the plain-torch reference formulas. float64 inputs always take the torch path (the kernels accumulate in fp32),
+so exactness tests in float64 stay exact whatever the device; asking for backend="triton" with float64 is an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import flash_norms_tuning as tuning
+from .flash_norms_reference import as_rows, check_pair, linear_sq_norms_reference
+
+PATHS = ("gram", "direct", "outer")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_GRID_Y = 65535  # CUDA's limit on the grid axis that carries the samples
+_MAX_SHARED_G = 4  # output gradients the Gram kernel dots against one input Gram per launch
+
+
+def choose_path(T: int, d: int, p: int) -> str:
+    """'outer' for one row per sample, else the cheaper of Gram (≈2T²(d+p) flops) and direct (≈2Tdp flops)."""
+    if T <= 1:
+        return "outer"
+    return "gram" if T * (d + p) < d * p else "direct"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """'triton' on CUDA (or CPU under TRITON_INTERPRET=1), 'torch' elsewhere and for float64 inputs."""
+    device = torch.device(device)
+    if dtype == torch.float64:
+        return "torch"
+    if device.type == "cuda" or (device.type == "cpu" and _interpret()):
+        return "triton"
+    return "torch"
+
+
+def _resolve_backend(backend: str, device: torch.device, dtypes: list[torch.dtype]) -> str:
+    if backend == "auto":
+        return kernel_backend(device, torch.float64 if torch.float64 in dtypes else None)
+    if backend == "torch":
+        return "torch"
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'triton' or 'torch'")
+    if kernel_backend(device) != "triton":
+        raise RuntimeError(f"the Triton kernels need a CUDA device or TRITON_INTERPRET=1 on CPU, got {device}")
+    bad = [dt for dt in dtypes if dt not in KERNEL_DTYPES]
+    if bad:
+        raise ValueError(f"the Triton kernels take {KERNEL_DTYPES}, got {bad}; use backend='torch' for these")
+    return "triton"
+
+
+def _resolve_path(path: str, T: int, d: int, p: int) -> str:
+    if path == "auto":
+        return choose_path(T, d, p)
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; expected 'auto' or one of {PATHS}")
+    if path == "outer" and T != 1:
+        raise ValueError(f"the outer path needs one row per sample, got {T}")
+    return path
+
+
+def _precision(device: torch.device, dtypes, allow_tf32: bool | None) -> str:
+    """tl.dot input precision for fp32 operands; ignored by the kernels for 16-bit ones."""
+    if device.type != "cuda" or torch.float32 not in dtypes:
+        return "ieee"  # the interpreter multiplies in exact fp32 anyway
+    if allow_tf32 is None:  # same switch as torch's own fp32 matmuls (and so Opacus' einsum)
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _rows_major(x: torch.Tensor) -> torch.Tensor:
+    """Unit stride along features (the kernels assume it: coalesced loads); batch and row strides may be anything."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | None):
+    """Weight and bias partial sums (len(Gs), B) for Gs sharing input A, via one input Gram per tile pair."""
+    from triton import cdiv
+
+    from .flash_norms_triton import gram_kernel
+
+    B, T, d = A.shape
+    prec = _precision(A.device, [A.dtype, *(g.dtype for g in Gs)], allow_tf32)
+    upcast = _interpret() and torch.bfloat16 in (A.dtype, *(g.dtype for g in Gs))
+    padded = Gs + [Gs[0]] * (_MAX_SHARED_G - len(Gs))  # unused slots: NUM_G stops the kernel before them
+
+    def run(cfg):
+        n_t = cdiv(T, cfg["BLOCK_T"])
+        n_pairs = n_t * (n_t + 1) // 2
+        w = torch.empty(len(Gs), B, n_pairs, device=A.device, dtype=torch.float32)
+        b = torch.empty_like(w)
+        for lo in range(0, B, _MAX_GRID_Y):
+            n = min(_MAX_GRID_Y, B - lo)
+            a, gs = A[lo : lo + n], [g[lo : lo + n] for g in padded]
+            g_args = [v for g in gs for v in (g, g.stride(0), g.stride(1), g.shape[-1])]
+            gram_kernel[(n_pairs, n)](
+                a, a.stride(0), a.stride(1), d, *g_args, w[:, lo:], b[:, lo:], T, B, n_pairs,
+                NUM_G=len(Gs), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], PREC=prec, UPCAST=upcast,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )  # fmt: skip
+        return w, b
+
+    key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, A.device.index)
+    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret()))
+    return w.sum(dim=-1), b.sum(dim=-1)
+
+
+def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32: bool | None):
+    """Weight and bias (or None) squared norms (B,) via A_iᵀG_i tiles reduced in registers."""
+    from triton import cdiv
+
+    from .flash_norms_triton import direct_kernel
+
+    B, T, d = A.shape
+    p = G.shape[-1]
+    dot_dtype = A.dtype if A.dtype == G.dtype else torch.promote_types(A.dtype, G.dtype)
+    if _interpret() and dot_dtype == torch.bfloat16:
+        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bfloat16 bit patterns as integers
+    prec = _precision(A.device, [dot_dtype], allow_tf32)
+
+    def run(cfg):
+        n_p = cdiv(p, cfg["BLOCK_P"])
+        n_tiles = cdiv(d, cfg["BLOCK_D"]) * n_p
+        w = torch.empty(B, n_tiles, device=A.device, dtype=torch.float32)
+        b = torch.empty(B, n_p, device=A.device, dtype=torch.float32)
+        for lo in range(0, B, _MAX_GRID_Y):
+            n = min(_MAX_GRID_Y, B - lo)
+            a, g = A[lo : lo + n], G[lo : lo + n]
+            direct_kernel[(n_tiles, n)](
+                a, a.stride(0), a.stride(1), d, g, g.stride(0), g.stride(1), p, w[lo:], b[lo:], T,
+                HAS_BIAS=with_bias, BLOCK_D=cfg["BLOCK_D"], BLOCK_P=cfg["BLOCK_P"], BLOCK_T=cfg["BLOCK_T"],
+                GROUP_D=cfg["GROUP_D"], DOT_DTYPE=_tl_dtype(dot_dtype), PREC=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )  # fmt: skip
+        return w, b
+
+    key = (T, d, p, A.dtype, G.dtype, with_bias, prec, A.device.index)
+    w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret()))
+    return w.sum(dim=1), (b.sum(dim=1) if with_bias else None)
+
+
+def linear_sq_norms(
+    A: torch.Tensor,
+    G: torch.Tensor,
+    *,
+    with_bias: bool,
+    path: str = "auto",
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """(||A_iᵀG_i||², ||Σ_t G_i,t||² or None, path used) per sample; allow_tf32=None follows torch's matmul flag."""
+    A, G = check_pair(A, G)
+    B, T, d = A.shape
+    chosen = _resolve_path(path, T, d, G.shape[-1])
+    be = _resolve_backend(backend, A.device, [A.dtype, G.dtype])
+    if be == "torch" or chosen == "outer" or A.numel() == 0 or G.numel() == 0:
+        # outer: two row norms per sample, no GEMM worth a kernel; empty inputs: nothing to launch.
+        w, b = linear_sq_norms_reference(A, G, with_bias=with_bias, path=chosen)
+        return w, b, chosen
+    A, G = _rows_major(A), _rows_major(G)
+    if chosen == "gram":
+        w, b = _gram_launch(A, [G], allow_tf32)
+        return w[0], (b[0] if with_bias else None), chosen
+    w, b = _direct_launch(A, G, with_bias, allow_tf32)
+    return w, b, chosen
+
+
+def multi_linear_sq_norms(
+    A: torch.Tensor,
+    Gs: list[torch.Tensor],
+    *,
+    with_bias: list[bool],
+    path: str = "auto",
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, str]]:
+    """linear_sq_norms for layers fed the same input A (q, k, v): Gram-path layers share each A-Gram tile."""
+    if len(with_bias) != len(Gs):
+        raise ValueError(f"{len(Gs)} output gradients but {len(with_bias)} with_bias flags")
+    A = as_rows(A)
+    Gs = [check_pair(A, G)[1] for G in Gs]
+    B, T, d = A.shape
+    paths = [_resolve_path(path, T, d, G.shape[-1]) for G in Gs]
+    be = _resolve_backend(backend, A.device, [A.dtype, *(G.dtype for G in Gs)])
+    out: list = [None] * len(Gs)
+    shared = [i for i, pth in enumerate(paths) if pth == "gram"] if be == "triton" and A.numel() else []
+    if shared:
+        A_rows = _rows_major(A)
+        for lo in range(0, len(shared), _MAX_SHARED_G):
+            idx = shared[lo : lo + _MAX_SHARED_G]
+            w, b = _gram_launch(A_rows, [_rows_major(Gs[i]) for i in idx], allow_tf32)
+            for k, i in enumerate(idx):
+                out[i] = (w[k], b[k] if with_bias[i] else None, "gram")
+    for i, G in enumerate(Gs):
+        if out[i] is None:
+            out[i] = linear_sq_norms(A, G, with_bias=with_bias[i], path=paths[i], backend=be, allow_tf32=allow_tf32)
+    return out
