@@ -9,10 +9,15 @@ import torch
 from torch import nn
 
 from .errors import PrivacyConfigError
+from .fsdp import FSDPDPGradSampleModule
 from .grad_sample_module import DPGradSampleModule
 from .loss import DPLoss
 from .modes import BOOKKEEPING, UPSTREAM_PASSTHROUGH, Mode, resolve_mode, valid_mode_names
 from .norm_backends import NORM_BACKENDS
+from .optimizer import FusedDPOptimizer
+
+# Mode.sharding -> the wrapped-model class that implements it.
+GSM_CLASSES = {None: DPGradSampleModule, "fsdp": FSDPDPGradSampleModule}
 
 
 class PrivacyEngine(opacus.PrivacyEngine):
@@ -105,11 +110,27 @@ class PrivacyEngine(opacus.PrivacyEngine):
         dp_loss.module = model
         return model, optimizer, dp_loss, data_loader
 
+    def _prepare_optimizer(
+        self, *, optimizer, grad_sample_mode="hooks", distributed=False, clipping="flat", noise_generator=None, **kwargs
+    ):
+        """Single-process modes of ours get FusedDPOptimizer (Opacus' ghost optimizer with fused loops)."""
+        if grad_sample_mode != "ghost" or distributed or clipping != "flat":
+            return super()._prepare_optimizer(
+                optimizer=optimizer,
+                grad_sample_mode=grad_sample_mode,
+                distributed=distributed,
+                clipping=clipping,
+                noise_generator=noise_generator,
+                **kwargs,
+            )
+        generator = self.secure_rng if self.secure_mode else noise_generator
+        return FusedDPOptimizer(optimizer, generator=generator, secure_mode=self.secure_mode, **kwargs)
+
     def _prepare_dp_module(self, module: nn.Module, mode: Mode, *, max_grad_norm, loss_reduction, batch_first):
         if isinstance(module, opacus.grad_sample.AbstractGradSampleModule):
             raise PrivacyConfigError("pass the plain nn.Module to make_private, not an already wrapped one")
         self.validate(module=module, optimizer=None, data_loader=None)
-        return DPGradSampleModule(
+        return GSM_CLASSES[mode.sharding](
             module,
             norm_backend=NORM_BACKENDS[mode.norm](),
             keep_for_bookkeeping=mode.strategy == BOOKKEEPING,
