@@ -70,3 +70,21 @@ register_mode(
         description="Ghost norms with book-keeping: one backward, clipped gradients from cached activations.",
     )
 )
+register_mode(
+    Mode(
+        "flash_clip",
+        FLASH,
+        TWO_PASS,
+        aliases=("flash",),
+        description="Flash clipping: fused Triton per-sample norms (Gram or direct path per layer); two passes.",
+    )
+)
+register_mode(
+    Mode(
+        "flash_clip_bk",
+        FLASH,
+        BOOKKEEPING,
+        aliases=("flash_bk", "flash_clip_bookkeeping"),
+        description="Flash norms with book-keeping: one backward, fused norms, clipped gradients from cached A and G.",
+    )
+)

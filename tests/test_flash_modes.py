@@ -1,0 +1,60 @@
+"""flash_clip and flash_clip_bk through the Triton kernels (TRITON_INTERPRET=1 on CPU) against the fp64 reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.dit_tiny import TinyDiT, make_batch
+from tests.test_privacy_exactness import N, _dp_update, _reference_update, _rel_err
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+kernel_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child (last test)")
+
+
+@kernel_only
+@pytest.mark.parametrize("mode", ["flash_clip", "flash_clip_bk"])
+def test_kernel_path_update_matches_float64_reference(mode):
+    model64 = TinyDiT().double().train()
+    batch64 = make_batch(N, k=2)
+    _, norms = _reference_update(model64, batch64, 2, 1e9, "mean")
+    max_grad_norm = norms.median().item()
+    want, _ = _reference_update(model64, batch64, 2, max_grad_norm, "mean")
+    model32 = TinyDiT().float().train()
+    batch32 = tuple(x.float() if x.is_floating_point() else x for x in batch64)
+    got = _dp_update(model32, batch32, 2, max_grad_norm, mode, "mean")
+    assert _rel_err([g.double() for g in got], want) <= 1e-4
+
+
+@kernel_only
+def test_kernel_backend_and_paths_are_recorded():
+    from tests.test_privacy_engine import _make_private
+
+    dp_model, _, crit, _ = _make_private(TinyDiT(), mode="flash_bk")
+    x, t, y, target = make_batch(4, dtype=torch.float32)
+    crit(dp_model(x, t, y), target).backward()
+    assert dp_model.kernel_backend() == "triton"
+    paths = set(dp_model.norm_paths.values())
+    assert {"gram", "outer", "embedding"} <= paths
+
+
+def test_flash_modes_under_the_triton_interpreter():
+    """Runs this file's kernel tests in a child with TRITON_INTERPRET=1 (it must be set before triton loads)."""
+    if IN_INTERPRETER:
+        pytest.skip("already the child")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "3 passed" in proc.stdout, proc.stdout[-2000:]
