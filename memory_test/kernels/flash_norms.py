@@ -115,7 +115,8 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
         return w, b
 
     key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, A.device.index)
-    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret()))
+    elem = max(x.element_size() for x in (A, *Gs))
+    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem))
     return w.sum(dim=-1), b.sum(dim=-1)
 
 
@@ -149,7 +150,8 @@ def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32
         return w, b
 
     key = (T, d, p, A.dtype, G.dtype, with_bias, prec, A.device.index)
-    w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret()))
+    elem = max(A.element_size(), G.element_size())
+    w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret(), elem_bytes=elem))
     return w.sum(dim=1), (b.sum(dim=1) if with_bias else None)
 
 

@@ -31,6 +31,16 @@ INTERPRET_CONFIGS = {
 CANDIDATES = {"gram": GRAM_CONFIGS, "direct": DIRECT_CONFIGS}
 
 _chosen: dict[tuple, dict] = {}
+_SMEM_LIMIT = 232448  # bytes of shared memory one Hopper block may use; larger configs would only fail to compile
+
+
+def smem_bytes(kind: str, cfg: dict, elem_bytes: int) -> int:
+    """Shared memory the software pipeline needs: num_stages copies of the operand tiles of one loop step."""
+    if kind == "gram":
+        tiles = 2 * cfg["BLOCK_T"] * cfg["BLOCK_K"]
+    else:
+        tiles = (cfg["BLOCK_D"] + cfg["BLOCK_P"]) * cfg["BLOCK_T"]
+    return cfg["num_stages"] * tiles * elem_bytes
 
 
 def tuning_enabled() -> bool:
@@ -43,14 +53,14 @@ def chosen_configs() -> dict[tuple, dict]:
     return dict(_chosen)
 
 
-def pick_config(kind: str, key: tuple, run: Callable[[dict], object], *, interpret: bool) -> dict:
+def pick_config(kind: str, key: tuple, run: Callable[[dict], object], *, interpret: bool, elem_bytes: int) -> dict:
     """The config for `kind` at `key`: cached, else the fastest candidate by a short do_bench (CUDA only)."""
     if interpret:
         return INTERPRET_CONFIGS[kind]
     full_key = (kind, *key)
     if full_key in _chosen:
         return _chosen[full_key]
-    candidates = CANDIDATES[kind]
+    candidates = [c for c in CANDIDATES[kind] if smem_bytes(kind, c, elem_bytes) <= _SMEM_LIMIT]
     if not tuning_enabled():
         _chosen[full_key] = candidates[0]
         return candidates[0]

@@ -1,0 +1,255 @@
+"""Flash per-sample Linear norms vs Opacus' einsum on DiT-XL/2 shapes: time, extra memory, TFLOP/s, error.
+
+On one H200 (about 3 minutes; --quick drops T = 4096):
+    python scripts/bench_flash_norms.py --output results/flash_norms_h200.json --markdown results/flash_norms_h200.md
+CPU smoke test of the whole script (torch backend, tiny shapes, seconds):
+    python scripts/bench_flash_norms.py --device cpu --output /tmp/flash.json --markdown /tmp/flash.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.kernels import flash_norms_tuning  # noqa: E402
+from memory_test.kernels.flash_norms import choose_path, kernel_backend, linear_sq_norms  # noqa: E402
+from memory_test.kernels.flash_norms_reference import (  # noqa: E402
+    linear_sq_norms_reference,
+    opacus_einsum_sq_norms,
+)
+
+# DiT-XL/2 Linear layers: attention projections and out, MLP fc1, adaLN (as if it had rows), MLP fc2.
+GPU_SHAPES = [(1152, 1152), (1152, 4608), (1152, 6912), (4608, 1152)]
+CPU_SHAPES = [(8, 8), (8, 24), (24, 8)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+METHODS = ("gram", "direct", "opacus")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """GPU, library versions, git commit and UTC time: enough to tell whether two records are comparable."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = {
+        "utc_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "opacus": _version("opacus"),
+        "cuda": torch.version.cuda,
+        "git_sha": sha or None,
+        "kernel_backend": kernel_backend(device),
+        "autotune": flash_norms_tuning.tuning_enabled(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env |= {
+            "gpu_name": props.name,
+            "gpu_memory_bytes": props.total_memory,
+            "capability": f"{props.major}.{props.minor}",
+        }
+    return env
+
+
+class Timer:
+    """Median milliseconds of a call: triton.testing.do_bench on CUDA (after its warm-up), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int):
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+
+    def ms(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def extra_peak_bytes(self, fn) -> int | None:
+        """Peak allocated during one call minus what was allocated before it (inputs): the method's own memory."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+
+def ceilings(timer: Timer, device: torch.device, n: int) -> dict:
+    """Measured dense matmul TFLOP/s in bf16 and in fp32 with TF32: the roofs the kernels are compared with."""
+    out = {}
+    for name, dtype in DTYPES.items():
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out[name] = 2 * n**3 / (timer.ms(lambda a=a, b=b: a @ b) * 1e-3) / 1e12
+        del a, b
+    return out
+
+
+def flops_per_sample(method: str, T: int, d: int, p: int) -> int:
+    """Gram: the upper triangle of two symmetric T x T Grams; direct: A_iᵀG_i; Opacus: full Grams, G's twice."""
+    if method == "gram":
+        return T * (T + 1) * (d + p)
+    if method == "direct":
+        return 2 * T * d * p
+    return 2 * T * T * (d + 2 * p)
+
+
+def _rel_err(got: tuple, ref: tuple) -> float:
+    """Largest per-sample relative error over the weight and bias squared norms, against float64."""
+    return max(float(((g.double() - r).abs() / r.abs().clamp_min(1e-300)).max()) for g, r in zip(got, ref))
+
+
+def run_case(timer, device, dtype_name, B, T, d, p, allow_tf32) -> dict:
+    """One (dtype, T, d, p): every method's time, extra memory, TFLOP/s and error against the float64 reference."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(T * 7 + d + p)
+    A = torch.randn(B, T, d, device=device, dtype=dtype, generator=gen)
+    G = torch.randn(B, T, p, device=device, dtype=dtype, generator=gen)
+    auto = choose_path(T, d, p)
+    ref_path = "direct" if auto == "direct" else "gram"  # the cheaper exact formula
+    ref = linear_sq_norms_reference(A, G, with_bias=True, path=ref_path, dtype=torch.float64)
+    backend = kernel_backend(device)
+
+    def flash(path):
+        return lambda: linear_sq_norms(A, G, with_bias=True, path=path, backend=backend, allow_tf32=allow_tf32)[:2]
+
+    calls = {"gram": flash("gram"), "direct": flash("direct"), "opacus": lambda: opacus_einsum_sq_norms(A, G, True)}
+    row = {"dtype": dtype_name, "B": B, "T": T, "d": d, "p": p, "auto_path": auto, "backend": backend}
+    row |= {"ms": {}, "extra_peak_bytes": {}, "tflops": {}, "max_rel_err": {}, "errors": {}}
+    for method, call in calls.items():
+        try:
+            row["max_rel_err"][method] = _rel_err(call(), ref)  # first call also compiles and tunes
+            row["extra_peak_bytes"][method] = timer.extra_peak_bytes(call)
+            row["ms"][method] = timer.ms(call)
+            flops = B * flops_per_sample(method, T, d, p)
+            row["tflops"][method] = flops / (row["ms"][method] * 1e-3) / 1e12
+        except torch.cuda.OutOfMemoryError:
+            row["errors"][method] = "oom"
+        except Exception as e:  # keep the other measurements; main() exits non-zero if a flash kernel failed
+            row["errors"][method] = f"{type(e).__name__}: {e}"[:500]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # "auto" runs exactly the chosen path's launcher, so its measurement is that path's.
+    for key in ("ms", "extra_peak_bytes", "tflops", "max_rel_err"):
+        if auto in row[key]:
+            row[key]["auto"] = row[key][auto]
+    if "auto" in row["ms"] and "opacus" in row["ms"]:
+        row["speedup_vs_opacus"] = row["ms"]["opacus"] / row["ms"]["auto"]
+    return row
+
+
+def _fmt(x, spec: str, missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def markdown(record: dict) -> str:
+    """One line per (dtype, d->p, T): times, speed-up, extra memory, TFLOP/s vs ceiling, errors."""
+    ceil = record["ceilings_tflops"]
+    head = (
+        "| dtype | d→p | T | auto | gram ms | direct ms | opacus ms | auto vs opacus | auto extra MB | opacus extra MB "
+        "| auto TFLOP/s (% roof) | auto rel err | opacus rel err |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in record["rows"]:
+        ms, mem, err = r["ms"], r["extra_peak_bytes"], r["max_rel_err"]
+
+        def cell(method, ms=ms, r=r):
+            if method in r["errors"]:
+                return "oom" if r["errors"][method] == "oom" else "error"
+            return _fmt(ms.get(method), ".3f")
+
+        mb = {k: (v / 2**20 if v is not None else None) for k, v in mem.items()}
+        tf = r["tflops"].get("auto")
+        roof = f"{_fmt(tf, '.3g')} ({_fmt(tf / ceil[r['dtype']] * 100 if tf else None, '.0f')}%)"
+        lines.append(
+            f"| {r['dtype']} | {r['d']}→{r['p']} | {r['T']} | {r['auto_path']} | {cell('gram')} | {cell('direct')} "
+            f"| {cell('opacus')} | {_fmt(r.get('speedup_vs_opacus'), '.2f')}× | {_fmt(mb.get('auto'), '.1f')} "
+            f"| {_fmt(mb.get('opacus'), '.0f')} | {roof} | {_fmt(err.get('auto'), '.1e')} "
+            f"| {_fmt(err.get('opacus'), '.1e')} |"
+        )
+    roofs = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in ceil.items())
+    env = record["env"]
+    title = f"Flash norms, B={record['config']['batch_size']}, {env.get('gpu_name', env['device_type'])} ({roofs})"
+    return "\n".join([title, "", *lines])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--output", required=True, help="JSON record (bytes, ms)")
+    ap.add_argument("--markdown", required=True, help="markdown table, also printed last")
+    ap.add_argument("--quick", action="store_true", help="T in {256, 1024} only")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 2 on CPU")
+    ap.add_argument("--seq", type=int, nargs="+", default=None, help="rows per sample T")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per measurement")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device; use --device cpu for the smoke test")
+    gpu = device.type == "cuda"
+    B = args.batch_size or (128 if gpu else 2)
+    seqs = args.seq or (([256, 1024] if args.quick else [256, 1024, 4096]) if gpu else [4, 16])
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    timer = Timer(device, warmup_ms=10, rep_ms=args.rep_ms)
+    # "fp32 (TF32)": the kernels get allow_tf32=True and Opacus' einsum and the fp32 roof run with TF32 too.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_start = time.time()
+    record = {
+        "env": environment(device),
+        "config": {"batch_size": B, "seqs": seqs, "shapes": shapes, "dtypes": args.dtypes, "allow_tf32": True},
+        "ceilings_tflops": ceilings(timer, device, 8192 if gpu else 256),
+        "rows": [],
+    }
+    for dtype_name in args.dtypes:
+        for T in seqs:
+            for d, p in shapes:
+                row = run_case(timer, device, dtype_name, B, T, d, p, allow_tf32=True)
+                record["rows"].append(row)
+                print(f"{dtype_name} T={T} {d}->{p}: ms={ {k: round(v, 3) for k, v in row['ms'].items()} } "
+                      f"err={ {k: f'{v:.1e}' for k, v in row['max_rel_err'].items()} } {row['errors'] or ''}",
+                      flush=True)  # fmt: skip
+    record["tuned_configs"] = {repr(k): v for k, v in flash_norms_tuning.chosen_configs().items()}
+    record["wall_s"] = time.time() - t_start
+    table = markdown(record)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(record, f, indent=1)
+    with open(args.markdown, "w") as f:
+        f.write(table + "\n")
+    print(table)
+    failed = [(r["dtype"], r["T"], r["d"], r["p"], m) for r in record["rows"] for m, e in r["errors"].items()
+              if m != "opacus"]  # fmt: skip
+    if failed:
+        print(f"flash kernel failures: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
