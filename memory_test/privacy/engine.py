@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import chain
 
 import opacus
@@ -156,6 +157,18 @@ def _check_distributed(mode: Mode) -> bool:
             f"mode {mode.name!r} shards the model over GPUs: launch with `torchrun --nproc-per-node=N ...` and "
             "initialise torch.distributed first. Single-process modes: "
             + ", ".join(n for n in valid_mode_names() if n in _single_device_names())
+        )
+    world = torch.distributed.get_world_size()
+    if world < 2:  # one process would be a single-GPU run under a sharded name
+        raise PrivacyConfigError(
+            f"mode {mode.name!r} shards over processes but the world size is 1: launch with "
+            "`torchrun --nproc-per-node=N` (N >= 2), or use a single-process mode"
+        )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.distributed.get_backend() == "nccl" and local_world > torch.cuda.device_count():
+        raise PrivacyConfigError(
+            f"mode {mode.name!r}: {local_world} processes on this node but only {torch.cuda.device_count()} "
+            "visible GPU(s); use --nproc-per-node <= the number of GPUs"
         )
     return True
 

@@ -68,9 +68,9 @@ def shard_dit(
     kwargs = {"mp_policy": mp_policy or MixedPrecisionPolicy(), "reshard_after_forward": reshard_after_forward}
     if mesh is not None:
         kwargs["mesh"] = mesh
-    for block in blocks:
+    for index, block in enumerate(blocks):
         for name, sub in block.named_modules():
-            if name in REUSED_OUTSIDE_BLOCK:
+            if f"{index}.{name}" in REUSED_OUTSIDE_BLOCK:
                 fully_shard(sub, **kwargs)
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

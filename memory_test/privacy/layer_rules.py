@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
+from torch.distributed.fsdp import FSDPModule
 
 from .norm_backends import accumulate_dtype
 
@@ -159,7 +160,8 @@ class EmbeddingRule:
         return (torch.bmm(G, G.transpose(1, 2)) * same_row).sum(dim=(1, 2)), "embedding"
 
     def clipped_grads(self, module, uses, n, coef) -> dict:
-        table = torch.zeros_like(module.weight)
+        # A plain full-shape table even when the weight is an FSDP2 shard (DTensor): sharded modes reduce-scatter it.
+        table = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=module.weight.device)
         for use in uses:
             idx, G = self._rows(module, use, n)
             scaled = (G * _coef_like(coef, G)).reshape(-1, G.shape[-1])
@@ -210,12 +212,21 @@ _EMBEDDING = EmbeddingRule()
 SPECIALISED_RULES = {nn.Linear: _LINEAR, nn.Conv2d: _CONV2D, nn.Embedding: _EMBEDDING}
 
 
+def layer_type(module: nn.Module) -> type:
+    """The layer's own class: FSDP2's ``fully_shard`` swaps it for a subclass ``FSDP<cls>(FSDPModule, cls)``."""
+    cls = type(module)
+    if isinstance(module, FSDPModule) and cls.__bases__[0] is FSDPModule:
+        return cls.__bases__[1]
+    return cls
+
+
 def rule_for(module: nn.Module):
     """The rule that handles ``module``, or None if this engine cannot clip its parameters exactly."""
-    rule = SPECIALISED_RULES.get(type(module))
+    cls = layer_type(module)
+    rule = SPECIALISED_RULES.get(cls)
     if rule is not None and getattr(rule, "supports", lambda m: True)(module):
         return rule
-    sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module))
+    sampler = GradSampleModule.GRAD_SAMPLERS.get(cls)
     if sampler is not None:  # e.g. grouped Conv2d: exact through materialised per-sample gradients
         return MaterializedRule(sampler)
     return None

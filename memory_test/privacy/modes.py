@@ -88,3 +88,24 @@ register_mode(
         description="Flash norms with book-keeping: one backward, fused norms, clipped gradients from cached A and G.",
     )
 )
+
+# Sharded over GPUs with FSDP2 (torchrun, one process per GPU); book-keeping only: rank-local norms, clipped
+# gradients reduce-scattered into the parameter shards, noise once in total (see memory_test/privacy/fsdp.py).
+register_mode(
+    Mode(
+        "ghost_fsdp_bk",
+        GHOST,
+        BOOKKEEPING,
+        sharding="fsdp",
+        description="Ghost norms with book-keeping on an FSDP2-sharded model (torchrun, one process per GPU).",
+    )
+)
+register_mode(
+    Mode(
+        "flash_fsdp_bk",
+        FLASH,
+        BOOKKEEPING,
+        sharding="fsdp",
+        description="Flash norms with book-keeping on an FSDP2-sharded model (torchrun, one process per GPU).",
+    )
+)
