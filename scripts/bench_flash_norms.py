@@ -22,7 +22,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.kernels import flash_norms_tuning  # noqa: E402
-from memory_test.kernels.flash_norms import choose_path, kernel_backend, linear_sq_norms  # noqa: E402
+from memory_test.kernels.flash_norms import (  # noqa: E402
+    choose_path,
+    kernel_backend,
+    linear_sq_norms,
+    multi_linear_sq_norms,
+)
 from memory_test.kernels.flash_norms_reference import (  # noqa: E402
     linear_sq_norms_reference,
     opacus_einsum_sq_norms,
@@ -162,6 +167,33 @@ def run_case(timer, device, dtype_name, B, T, d, p, allow_tf32) -> dict:
     return row
 
 
+def run_shared_case(timer, device, dtype_name, B, T, d, allow_tf32) -> dict:
+    """q, k, v projections of one input: the shared-input Gram launch vs three single launches vs Opacus."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device=device).manual_seed(T + d)
+    A = torch.randn(B, T, d, device=device, dtype=dtype, generator=gen)
+    Gs = [torch.randn(B, T, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+    backend = kernel_backend(device)
+    kw = dict(path="gram", backend=backend, allow_tf32=allow_tf32)
+    calls = {
+        "shared": lambda: multi_linear_sq_norms(A, Gs, with_bias=[True] * 3, **kw),
+        "separate": lambda: [linear_sq_norms(A, G, with_bias=True, **kw) for G in Gs],
+        "opacus": lambda: [opacus_einsum_sq_norms(A, G, True) for G in Gs],
+    }
+    ref = [linear_sq_norms_reference(A, G, with_bias=True, dtype=torch.float64) for G in Gs]
+    row = {"dtype": dtype_name, "B": B, "T": T, "d": d, "p": d, "n_outputs": 3, "ms": {}, "max_rel_err": {}}
+    row["errors"] = {}
+    for name, call in calls.items():
+        try:
+            row["max_rel_err"][name] = max(_rel_err(o[:2], r) for o, r in zip(call(), ref))
+            row["ms"][name] = timer.ms(call)
+        except Exception as e:  # recorded; main() exits non-zero if a flash launch failed
+            row["errors"][name] = (
+                "oom" if isinstance(e, torch.cuda.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:500]
+            )
+    return row
+
+
 def _fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
@@ -191,6 +223,18 @@ def markdown(record: dict) -> str:
             f"| {_fmt(mb.get('opacus'), '.0f')} | {roof} | {_fmt(err.get('auto'), '.1e')} "
             f"| {_fmt(err.get('opacus'), '.1e')} |"
         )
+    lines += [
+        "",
+        "| shared input (q, k, v) | T | shared ms | 3 separate ms | 3 opacus ms | rel err |",
+        "|---" * 6 + "|",
+    ]
+    for r in record.get("shared_input", []):
+        ms = r["ms"]
+        lines.append(
+            f"| {r['dtype']} {r['d']}→3×{r['p']} | {r['T']} | {_fmt(ms.get('shared'), '.3f', 'error')} "
+            f"| {_fmt(ms.get('separate'), '.3f', 'error')} | {_fmt(ms.get('opacus'), '.3f', 'error')} "
+            f"| {_fmt(r['max_rel_err'].get('shared'), '.1e')} |"
+        )
     roofs = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in ceil.items())
     env = record["env"]
     title = f"Flash norms, B={record['config']['batch_size']}, {env.get('gpu_name', env['device_type'])} ({roofs})"
@@ -207,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=None, help="rows per sample T")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per measurement")
+    ap.add_argument("--no-tf32", action="store_true", help="fp32 in full precision (Triton FMA dot vs cuBLAS SGEMM)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -218,22 +263,30 @@ def main(argv=None) -> int:
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     timer = Timer(device, warmup_ms=10, rep_ms=args.rep_ms)
     # "fp32 (TF32)": the kernels get allow_tf32=True and Opacus' einsum and the fp32 roof run with TF32 too.
-    torch.backends.cuda.matmul.allow_tf32 = True
+    tf32 = not args.no_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     t_start = time.time()
     record = {
         "env": environment(device),
-        "config": {"batch_size": B, "seqs": seqs, "shapes": shapes, "dtypes": args.dtypes, "allow_tf32": True},
+        "config": {"batch_size": B, "seqs": seqs, "shapes": shapes, "dtypes": args.dtypes, "allow_tf32": tf32},
         "ceilings_tflops": ceilings(timer, device, 8192 if gpu else 256),
         "rows": [],
     }
     for dtype_name in args.dtypes:
         for T in seqs:
             for d, p in shapes:
-                row = run_case(timer, device, dtype_name, B, T, d, p, allow_tf32=True)
+                row = run_case(timer, device, dtype_name, B, T, d, p, allow_tf32=tf32)
                 record["rows"].append(row)
                 print(f"{dtype_name} T={T} {d}->{p}: ms={ {k: round(v, 3) for k, v in row['ms'].items()} } "
                       f"err={ {k: f'{v:.1e}' for k, v in row['max_rel_err'].items()} } {row['errors'] or ''}",
                       flush=True)  # fmt: skip
+    d_qkv = 1152 if gpu else 32
+    record["shared_input"] = [
+        run_shared_case(timer, device, dtype_name, B, T, d_qkv, allow_tf32=tf32)
+        for dtype_name in args.dtypes
+        for T in seqs
+        if choose_path(T, d_qkv, d_qkv) == "gram"
+    ]
     record["tuned_configs"] = {repr(k): v for k, v in flash_norms_tuning.chosen_configs().items()}
     record["wall_s"] = time.time() - t_start
     table = markdown(record)
@@ -244,8 +297,8 @@ def main(argv=None) -> int:
     with open(args.markdown, "w") as f:
         f.write(table + "\n")
     print(table)
-    failed = [(r["dtype"], r["T"], r["d"], r["p"], m) for r in record["rows"] for m, e in r["errors"].items()
-              if m != "opacus"]  # fmt: skip
+    rows = record["rows"] + record["shared_input"]
+    failed = [(r["dtype"], r["T"], r["d"], r["p"], m) for r in rows for m in r["errors"] if m != "opacus"]
     if failed:
         print(f"flash kernel failures: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -21,11 +21,17 @@ _MAX_GRID_Y = 65535  # CUDA's limit on the grid axis that carries the samples
 _MAX_SHARED_G = 4  # output gradients the Gram kernel dots against one input Gram per launch
 
 
+# The Gram kernel computes only the upper triangle of tile pairs (≈T²(d+p) flops against the direct path's 2Tdp)
+# but runs two accumulators on smaller tiles; 1.0 puts the crossover at T = dp/(d+p) (576 for d = p = 1152).
+# Retune from scripts/bench_flash_norms.py: the crossover moves to GRAM_ADVANTAGE * dp/(d+p).
+GRAM_ADVANTAGE = 1.0
+
+
 def choose_path(T: int, d: int, p: int) -> str:
-    """'outer' for one row per sample, else the cheaper of Gram (≈2T²(d+p) flops) and direct (≈2Tdp flops)."""
+    """'outer' for one row per sample, else 'gram' when T(d+p) < GRAM_ADVANTAGE·dp, else 'direct'."""
     if T <= 1:
         return "outer"
-    return "gram" if T * (d + p) < d * p else "direct"
+    return "gram" if T * (d + p) < GRAM_ADVANTAGE * d * p else "direct"
 
 
 def _interpret() -> bool:
@@ -101,23 +107,23 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
     def run(cfg):
         n_t = cdiv(T, cfg["BLOCK_T"])
         n_pairs = n_t * (n_t + 1) // 2
-        w = torch.empty(len(Gs), B, n_pairs, device=A.device, dtype=torch.float32)
-        b = torch.empty_like(w)
+        # Weight and bias partials in one buffer: one allocation and one reduction per call.
+        parts = torch.empty(2, len(Gs), B, n_pairs, device=A.device, dtype=torch.float32)
         for lo in range(0, B, _MAX_GRID_Y):
             n = min(_MAX_GRID_Y, B - lo)
             a, gs = A[lo : lo + n], [g[lo : lo + n] for g in padded]
             g_args = [v for g in gs for v in (g, g.stride(0), g.stride(1), g.shape[-1])]
             gram_kernel[(n_pairs, n)](
-                a, a.stride(0), a.stride(1), d, *g_args, w[:, lo:], b[:, lo:], T, B, n_pairs,
+                a, a.stride(0), a.stride(1), d, *g_args, parts[0, :, lo:], parts[1, :, lo:], T, B, n_pairs,
                 NUM_G=len(Gs), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], PREC=prec, UPCAST=upcast,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )  # fmt: skip
-        return w, b
+        return parts
 
     key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, A.device.index)
     elem = max(x.element_size() for x in (A, *Gs))
-    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem))
-    return w.sum(dim=-1), b.sum(dim=-1)
+    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
+    return w, b
 
 
 def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32: bool | None):
