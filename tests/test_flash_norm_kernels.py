@@ -193,7 +193,7 @@ def test_many_tile_pairs_non_contiguous_and_mixed_dtypes():
 @kernel_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_shared_input_variant(dtype):
-    A, _ = _pair(2, 21, 96, 1, dtype=dtype, device=KERNEL_DEVICE)
+    A, _ = _pair(2, 21, 48, 1, dtype=dtype, device=KERNEL_DEVICE)
     # Six gradients: under "auto" five take the Gram path (two launches sharing A: 4 + 1), p = 3 the direct path.
     Gs = [_pair(2, 21, 1, p, dtype=dtype, device=KERNEL_DEVICE, seed=p)[1] for p in (48, 192, 64, 80, 3, 72)]
     Gs[1] = Gs[1][:, :, ::2]  # non-contiguous features: copied before the launch
@@ -201,7 +201,7 @@ def test_shared_input_variant(dtype):
     for path in ("auto", "gram", "direct"):
         outs = fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias, path=path, allow_tf32=False)
         for G, wb, result in zip(Gs, with_bias, outs):
-            assert result[2] == (fn.choose_path(21, 96, G.shape[-1]) if path == "auto" else path)
+            assert result[2] == (fn.choose_path(21, 48, G.shape[-1]) if path == "auto" else path)
             _check_result(result, A, G, wb, RTOL[dtype])
     assert {r[2] for r in fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias)} == {"gram", "direct"}
 

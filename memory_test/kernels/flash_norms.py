@@ -8,6 +8,7 @@ so exactness tests in float64 stay exact whatever the device; asking for backend
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -87,6 +88,11 @@ def _rows_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device, not the tensors': make them the same."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tl_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -122,7 +128,8 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
 
     key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, A.device.index)
     elem = max(x.element_size() for x in (A, *Gs))
-    w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
+    with _on(A.device):
+        w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
     return w, b
 
 
@@ -157,7 +164,8 @@ def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32
 
     key = (T, d, p, A.dtype, G.dtype, with_bias, prec, A.device.index)
     elem = max(A.element_size(), G.element_size())
-    w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret(), elem_bytes=elem))
+    with _on(A.device):
+        w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret(), elem_bytes=elem))
     return w.sum(dim=1), (b.sum(dim=1) if with_bias else None)
 
 

@@ -64,15 +64,18 @@ def pick_config(kind: str, key: tuple, run: Callable[[dict], object], *, interpr
     if not tuning_enabled():
         _chosen[full_key] = candidates[0]
         return candidates[0]
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime import errors
     from triton.testing import do_bench
+
+    # Resource failures of one tile set (shared memory, registers rejected by ptxas) skip it; anything else raises.
+    skippable = (errors.OutOfResources, getattr(errors, "PTXASError", errors.OutOfResources))
 
     best, best_ms, failures = None, float("inf"), []
     for cfg in candidates:
         try:
             ms = do_bench(lambda cfg=cfg: run(cfg), warmup=2, rep=10, return_mode="median")
-        except OutOfResources as e:  # a tile set that needs more shared memory or registers than the GPU has
-            failures.append(f"{cfg}: {e}")
+        except skippable as e:
+            failures.append(f"{cfg}: {type(e).__name__}: {e}")
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
