@@ -20,12 +20,9 @@ from sklearn.datasets import load_digits
 import memory_test.diffusion_profile.train_dp as train_dp
 from memory_test.diffusion import latent_dataset as ld
 from memory_test.diffusion.vae import fit_scaling_factor, load_vae
-from memory_test.privacy import Mode, valid_mode_names
 from memory_test.privacy.errors import PrivacyConfigError
 
-# flash_bk is the mode the issue asks for; until the engine registers it the same test runs with bookkeeping
-# (ghost norms, same one-backward strategy) and test_flash_bk_is_registered reports the gap.
-MODE = "flash_bk" if "flash_bk" in valid_mode_names() else "bookkeeping"
+MODE = "flash_bk"
 N_IMAGES = 1000
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,11 +79,6 @@ def _prv_epsilon(sigma, q, steps, delta):
     return acc.get_epsilon(delta)
 
 
-def test_flash_bk_is_registered():
-    if "flash_bk" not in valid_mode_names():
-        pytest.skip("flash_bk not registered by the engine yet: the training tests ran with 'bookkeeping'")
-
-
 def test_dp_training_learns_and_reports_opacus_epsilon(latents, tmp_path, capsys):
     # N=1000, expected batch 50: q = 1/20, 20 steps per epoch, 15 epochs = 300 DP steps; K=2 noise draws per image.
     s = _run(
@@ -107,6 +99,7 @@ def test_dp_training_learns_and_reports_opacus_epsilon(latents, tmp_path, capsys
             tmp_path / "m.json",
         )
     )
+    out = capsys.readouterr().out
     hist = s["history"]
     start, end = hist[0]["probe_loss"], hist[-1]["probe_loss"]
     print(f"[{MODE}] probe loss {start:.4f} -> {end:.4f}, ε={s['epsilon']:.4f}")
@@ -118,7 +111,7 @@ def test_dp_training_learns_and_reports_opacus_epsilon(latents, tmp_path, capsys
     for rec in hist[1:]:
         assert rec["epsilon"] == pytest.approx(_prv_epsilon(1.0, q, rec["step"], 1e-4), rel=1e-9)
     assert json.loads((tmp_path / "m.json").read_text())["epsilon"] == s["epsilon"]
-    assert f"final privacy: (ε, δ) = ({s['epsilon']:.4f}, 0.0001)" in capsys.readouterr().out
+    assert f"final privacy: (ε, δ) = ({s['epsilon']:.4f}, 0.0001)" in out
 
 
 def test_target_epsilon_sets_sigma_from_opacus(latents, tmp_path):
@@ -227,11 +220,16 @@ def test_rgb_data_and_bad_delta_are_refused(latents, tmp_path):
 
 
 def test_multi_gpu_mode_needs_torchrun(monkeypatch):
-    sharded = Mode("ghost_fsdp_bk", "ghost", "bookkeeping", sharding="fsdp")
-    monkeypatch.setattr(train_dp, "resolve_mode", lambda name: sharded)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(PrivacyConfigError, match="torchrun --nproc-per-node=<num GPUs> -m memory_test"):
         train_dp.check_launch("ghost_fsdp_bk", ["--mode", "ghost_fsdp_bk"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train_dp.check_launch("ghost_fsdp_bk")  # launched as it should be
+
+
+def test_sharded_modes_are_refused_by_train_dp(latents):
+    with pytest.raises(SystemExit, match="trains single-device modes only"):
+        train_dp.main(["--latents", str(latents), "--mode", "flash_fsdp_bk", "--noise-multiplier", "1"])
 
 
 def test_single_process_mode_refuses_torchrun(monkeypatch):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from memory_test.diffusion.latent_dataset import LatentDataset, read_metadata
 from memory_test.diffusion.objective import EpsilonMSECriterion, make_noisy_batch
-from memory_test.privacy import PrivacyEngine, resolve_mode, valid_mode_names
+from memory_test.privacy import MODES, PrivacyEngine, resolve_mode, valid_mode_names
 from memory_test.privacy.errors import PrivacyConfigError
 
 CHECKPOINT_FORMAT = "memory_test.train_dp.v1"
@@ -78,25 +78,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_launch(mode_name: str, argv: list[str] | None = None) -> None:
+def check_launch(mode_name: str, argv: list[str] | None = None, entry: str = "memory_test.diffusion_profile.train_dp"):
     """Sharded modes need torchrun with several processes; single-process modes must not run once per rank."""
-    if mode_name == "hooks":
-        return
-    mode = resolve_mode(mode_name)
+    distributed = mode_name != "hooks" and resolve_mode(mode_name).distributed
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode.distributed and world < 2:
-        cmd = " ".join(
-            ["torchrun --nproc-per-node=<num GPUs> -m memory_test.diffusion_profile.train_dp", *(argv or [])]
-        )
-        raise PrivacyConfigError(f"mode {mode.name!r} shards the model over several GPUs: launch it as `{cmd}`")
-    if mode.distributed:
-        raise NotImplementedError(
-            f"train_dp.py does not shard models yet; profile {mode.name!r} with single_experiment.py"
-        )
-    if world > 1:
+    if distributed and world < 2:
+        cmd = " ".join([f"torchrun --nproc-per-node=<num GPUs> -m {entry}", *(argv or [])])
+        raise PrivacyConfigError(f"mode {mode_name!r} shards the model over several GPUs: launch it as `{cmd}`")
+    if not distributed and world > 1:
         raise PrivacyConfigError(
-            f"mode {mode.name!r} is single-process but WORLD_SIZE={world}: every rank would sample and account on its "
-            "own. Run it with `python -m memory_test.diffusion_profile.train_dp ...`, not torchrun"
+            f"mode {mode_name!r} is single-process but WORLD_SIZE={world}: every rank would sample and account on "
+            f"its own. Run it with `python -m {entry} ...`, not torchrun"
+        )
+
+
+def refuse_sharded(mode_name: str) -> None:
+    """train_dp.py trains on one device; a sharded mode would need an FSDP launch and sharded checkpoints."""
+    if mode_name != "hooks" and resolve_mode(mode_name).distributed:
+        single = [m.name for m in MODES.values() if not m.distributed]
+        raise NotImplementedError(
+            f"mode {mode_name!r} shards the model over several GPUs (launched with `torchrun --nproc-per-node=N`); "
+            f"train_dp.py trains single-device modes only ({', '.join(single)}, hooks): pick one of those"
         )
 
 
@@ -188,6 +190,7 @@ def probe_loss(model, latents, labels, K: int, device, seed: int) -> float:
 
 def train(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     """Run (or resume) private training; returns the summary also written to --metrics-out."""
+    refuse_sharded(args.mode)
     check_launch(args.mode, argv)
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint")
