@@ -16,7 +16,7 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
 from .errors import SharedParameterError, UnsupportedLayerError
-from .layer_rules import LinearLikeRule, Use, rule_for
+from .layer_rules import ClipCoefficients, LinearLikeRule, Use, rule_for
 from .step_cache import StepCache
 
 
@@ -253,10 +253,11 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def write_clipped_grads(self, coef: torch.Tensor):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes."""
+        clip = ClipCoefficients(coef)
         for state in self._states:
             if state.uses:
                 grads = state.rule.clipped_grads(
-                    state.module, [u for u in state.uses if u.grad_output is not None], self._n, coef
+                    state.module, [u for u in state.uses if u.grad_output is not None], self._n, clip
                 )
                 for p, g in grads.items():
                     p.grad = g if p.grad is None else p.grad + g

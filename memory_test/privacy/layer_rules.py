@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch.distributed.fsdp import FSDPModule
 
-from .norm_backends import accumulate_dtype
-
 
 @dataclass
 class Use:
@@ -49,8 +47,46 @@ def _per_sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(n, -1, x.shape[-1])
 
 
-def _coef_like(coef: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return coef.to(device=rows.device, dtype=rows.dtype).view(-1, *([1] * (rows.dim() - 1)))
+class ClipCoefficients:
+    """The step's clipping coefficients c_i, with what every layer derives from them computed once.
+
+    Per-dtype copies, per-row expansions, and the last row-scaled operand: q, k and v share one input, so their
+    clipped gradients share one scaled copy of it.
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+        self._cast: dict = {}
+        self._rows: dict = {}
+        self._last_scaled: tuple | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """c as a (n, 1, ..., 1) tensor in x's dtype and device."""
+        key = (x.dtype, x.device, x.dim())
+        if key not in self._cast:
+            self._cast[key] = self.values.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return self._cast[key]
+
+    def per_row(self, rows_per_sample: int, x: torch.Tensor) -> torch.Tensor:
+        """c repeated for each of a sample's rows, (n * rows_per_sample,), in x's dtype."""
+        key = (rows_per_sample, x.dtype, x.device)
+        if key not in self._rows:
+            self._rows[key] = self.like(x).reshape(-1).repeat_interleave(rows_per_sample)
+        return self._rows[key]
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """c_i * x_i for x of shape (n, R, f); the last result is reused for the same input (the cache holds x,
+        so its storage cannot be recycled under the key)."""
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+        if self._last_scaled is not None and self._last_scaled[0] == key:
+            return self._last_scaled[2]
+        scaled = x * self.like(x)
+        self._last_scaled = (key, x, scaled)
+        return scaled
+
+
+def as_coefficients(coef) -> ClipCoefficients:
+    return coef if isinstance(coef, ClipCoefficients) else ClipCoefficients(coef)
 
 
 def _matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -97,22 +133,23 @@ class LinearLikeRule:
 
     def clipped_grads(self, module, uses, n, coef) -> dict:
         weight, bias = self.weight_and_bias(module)
+        clip = as_coefficients(coef)
         grads = {}
         for use in uses:
             A, G = self.rows(module, use, n)
+            G2 = G.reshape(-1, G.shape[-1])
             if _trainable(weight):
                 # Σ_i c_i G_iᵀA_i: the coefficients scale the rows of whichever operand is smaller (a temporary
                 # of min(d, p) columns), and the GEMM replaces the weight-gradient GEMM the backward skipped.
                 dtype = _matmul_dtype(A, G)
                 if A.shape[-1] <= G.shape[-1]:
-                    lhs, rhs = G, A * _coef_like(coef, A)
+                    lhs, rhs = G, clip.scale(A)
                 else:
-                    lhs, rhs = G * _coef_like(coef, G), A
+                    lhs, rhs = clip.scale(G), A
                 gw = lhs.reshape(-1, G.shape[-1]).to(dtype).t() @ rhs.reshape(-1, A.shape[-1]).to(dtype)
                 _accumulate(grads, weight, gw)
-            if _trainable(bias):
-                per_sample = G.sum(dim=1, dtype=accumulate_dtype(G))
-                _accumulate(grads, bias, (per_sample * coef.to(per_sample)[:, None]).sum(0))
+            if _trainable(bias):  # Σ_rows c_row G_row: one GEMV
+                _accumulate(grads, bias, clip.per_row(G.shape[1], G2) @ G2)
         return {p: g.reshape(p.shape).to(p.dtype) for p, g in grads.items()}
 
 
@@ -162,9 +199,10 @@ class EmbeddingRule:
     def clipped_grads(self, module, uses, n, coef) -> dict:
         # A plain full-shape table even when the weight is an FSDP2 shard (DTensor): sharded modes reduce-scatter it.
         table = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=module.weight.device)
+        clip = as_coefficients(coef)
         for use in uses:
             idx, G = self._rows(module, use, n)
-            scaled = (G * _coef_like(coef, G)).reshape(-1, G.shape[-1])
+            scaled = (G * clip.like(G)).reshape(-1, G.shape[-1])
             table.index_add_(0, idx.reshape(-1), scaled.to(table.dtype))
         return {module.weight: table}
 
@@ -199,7 +237,7 @@ class MaterializedRule:
 
     def clipped_grads(self, module, uses, n, coef) -> dict:
         return {
-            p: torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
+            p: torch.einsum("n,n...->...", as_coefficients(coef).values.to(gs.dtype), gs).to(p.dtype)
             for p, gs in self._per_sample(module, uses, n).items()
         }
 
