@@ -24,7 +24,7 @@ from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext  #
 
 # Substrings of CUDA kernel names -> category; first match wins.
 CATEGORIES = (
-    ("norm_kernels", ("_gram", "_direct", "flash_norm", "sq_norm")),
+    ("norm_kernels", ("gram_kernel", "direct_kernel", "flash_norm", "sq_norm")),
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("gemm", ("gemm", "cutlass", "xmma", "sm90", "sm80", "cublas", "matmul")),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "fill")),

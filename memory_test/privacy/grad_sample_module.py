@@ -282,5 +282,6 @@ class DPGradSampleModule(AbstractGradSampleModule):
         return self._per_sample_gradient_norms
 
     def kernel_backend(self) -> str:
-        device = next(self._module.parameters()).device
-        return self.norm_backend.kernel_backend(device)
+        """'triton' or 'torch': what computes the Linear norms for this model's device and parameter dtype."""
+        p = next(self._module.parameters())
+        return self.norm_backend.kernel_backend(p.device, p.dtype)

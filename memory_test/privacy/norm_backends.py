@@ -18,7 +18,7 @@ class GhostNorms:
     name = GHOST
     accumulate_dtype = staticmethod(accumulate_dtype)
 
-    def kernel_backend(self, device: torch.device) -> str:
+    def kernel_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         return "torch"
 
     def predict_path(self, rows: int, d: int, p: int) -> str:
@@ -51,8 +51,8 @@ class FlashNorms:
 
         self._kernels = flash_norms
 
-    def kernel_backend(self, device: torch.device) -> str:
-        return self._kernels.kernel_backend(device)
+    def kernel_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        return self._kernels.kernel_backend(device, dtype)
 
     def predict_path(self, rows: int, d: int, p: int) -> str:
         return self._kernels.choose_path(rows, d, p)
