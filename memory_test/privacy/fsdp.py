@@ -11,11 +11,14 @@ Data flow of one step on W ranks (each rank holds B/W samples of the global batc
    the parameter's own DTensor layout. Reduce-scatter rather than all-reduce + slicing: half the bytes on the
    wire ((W-1)/W·|p| instead of 2(W-1)/W·|p|) and each rank keeps only its shard; the transient full-shape
    buffer is the same either way (one layer at a time).
-4. Opacus' ``FSDPOptimizerFastGradientClipping`` then adds noise: each rank draws a full-shape normal tensor but
-   adds to its shard only that tensor's slice of its shard (DTensor implicit replication), so every coordinate
-   of the full parameter is noised exactly once in total. For ``loss_reduction="mean"`` it divides the noise by
-   W and the gradient by the per-worker expected batch B/W; we therefore store S/W in the shard, and the update
-   is (Σ_global c_i g_i + N(0, σ²C²)) / B. For ``"sum"`` nothing is divided: S + N(0, σ²C²).
+4. Opacus' ``FSDPOptimizerFastGradientClipping`` then adds noise: each rank draws a full-shape normal tensor
+   (a transient of one parameter's full size) and, through DTensor's implicit replication, adds only the slice
+   of it that matches its own shard, so every coordinate of the full parameter is noised exactly once in total.
+   For ``loss_reduction="mean"`` it divides the noise by W and the gradient by the per-worker expected batch
+   B/W (Opacus' convention); we therefore store S/W in the shard, and the update is
+   (Σ_global c_i g_i + N(0, σ²C²)) / B. For ``"sum"`` nothing is divided: S + N(0, σ²C²).
+5. Accounting: Opacus' distributed DPDataLoader samples each rank's partition with the global rate q =
+   1/len(loader) (pass a loader whose batch_size is the *global* batch), and the accountant records q.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ def _unsharded_trainable(m: nn.Module) -> list[str]:
     return [name for name, p in m.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
 
 
+def _sharded_only(p: DTensor) -> bool:
+    return all(placement.is_shard() for placement in p.placements)
+
+
 class FSDPDPGradSampleModule(DPGradSampleModule):
     """DPGradSampleModule for an FSDP2-sharded model: book-keeping with clipped gradients reduce-scattered."""
 
@@ -94,6 +101,12 @@ class FSDPDPGradSampleModule(DPGradSampleModule):
         plain = _unsharded_trainable(m)
         if plain:  # their gradients would stay rank-local: a silently wrong (and less private) update
             raise PrivacyConfigError(f"trainable parameters not managed by FSDP2: {', '.join(plain[:5])}")
+        replicated = [n for n, p in m.named_parameters() if isinstance(p, DTensor) and not _sharded_only(p)]
+        if replicated:  # replicas (HSDP) would each add their own noise to the same coordinates and diverge
+            raise PrivacyConfigError(
+                f"parameters replicated over a mesh dimension (HSDP?): {', '.join(replicated[:5])}; sharded DP "
+                "modes support plain FSDP2 sharding over one mesh dimension"
+            )
         if not kwargs.get("keep_for_bookkeeping", False):
             raise PrivacyConfigError("sharded modes implement the book-keeping strategy only")
         super().__init__(m, **kwargs)
