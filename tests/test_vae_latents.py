@@ -52,6 +52,22 @@ def test_weights_round_trip_from_directory(vae, tmp_path, with_config):
         assert torch.equal(a, b), k
 
 
+def test_legacy_bin_with_deprecated_attention_names(vae, tmp_path):
+    # Early diffusers checkpoints (sd-vae-ft-mse among them) name the attention projections query/key/value/proj_attn.
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    state = {}
+    for k, v in vae.state_dict().items():
+        for new_name, old_name in old.items():
+            k = k.replace(new_name, old_name)
+        state[k] = v
+    assert any(".query." in k for k in state)
+    (tmp_path / "legacy").mkdir()
+    torch.save(state, tmp_path / "legacy" / "diffusion_pytorch_model.bin")
+    loaded = load_vae(tmp_path / "legacy", config="tiny")
+    for (k, a), (_, b) in zip(vae.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_rgb_to_latent_shape_scaling_and_ranges(vae):
     x = torch.rand(2, 3, 32, 32)
     z01 = rgb_to_latent(vae, x, sample=False)
