@@ -118,7 +118,9 @@ fi
 
 # ----- device and defaults ---------------------------------------------------------------------------------------
 HAS_GPU=0
-"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAS_GPU=1
+if command -v nvidia-smi >/dev/null 2>&1; then  # torch decides; without nvidia-smi there is no GPU to find
+    "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && HAS_GPU=1
+fi
 if [[ "$DEVICE" == cuda* && $HAS_GPU -eq 0 ]]; then die "--device $DEVICE requested but no CUDA GPU is available"; fi
 if [[ $HAS_GPU -eq 1 && "$DEVICE" != cpu ]]; then
     ON_GPU=1
@@ -201,6 +203,7 @@ on_interrupt() {
     trap - INT TERM
     if [[ -n "$CHILD" ]]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
     find "$OUT_DIR" -maxdepth 1 -name '.*.tmp' -delete 2>/dev/null
+    rm -f "$OUT_DIR/.last_run.log"
     echo
     echo "Interrupted. Finished records are kept; rerun the same command to resume." >&2
     exit 130
