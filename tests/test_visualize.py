@@ -1,0 +1,95 @@
+"""visualize_memory_breakdown.py on fixture records (two GPUs, oom, skipped, max-batch, corrupt and foreign files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memory_test.diffusion_profile import visualize_memory_breakdown as viz
+from memory_test.profiling.records import load_records
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "records"
+SCRIPT = REPO / "memory_test" / "diffusion_profile" / "visualize_memory_breakdown.py"
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def plotted(tmp_path_factory):
+    """Run the script in a fresh interpreter and report whether torch got imported."""
+    results = tmp_path_factory.mktemp("results")
+    for p in FIXTURES.glob("*.json"):
+        shutil.copy(p, results / p.name)
+    probe = "\n".join(
+        [
+            "import runpy, sys",
+            f"script = {str(SCRIPT)!r}",
+            "sys.argv = [script, '--results-dir', sys.argv[1]]",
+            "try:",
+            "    runpy.run_path(script, run_name='__main__')",
+            "except SystemExit:",
+            "    pass",
+            "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')",
+        ]
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(results)], capture_output=True, text=True, timeout=300)
+    return results, proc
+
+
+def test_never_imports_torch(plotted):
+    _, proc = plotted
+    assert "NO_TORCH" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_charts_per_gpu_and_summary(plotted):
+    results, proc = plotted
+    plots = results / "plots"
+    names = sorted(p.name for p in plots.glob("*.png"))
+    h200 = [n for n in names if "NVIDIA_H200" in n]
+    a100 = [n for n in names if "A100" in n]
+    assert not set(h200) & set(a100) and len(h200) + len(a100) == len(names)  # never mixed in one chart
+    for kind in ("breakdown", "peak_memory_vs_batch", "time_throughput_vs_batch", "memory_time_tradeoff"):
+        assert any(n.startswith(kind + "__") for n in h200), kind
+    assert any(n.startswith("ratio_to_vanilla__") for n in h200)
+    assert any(n.startswith("max_batch__") for n in h200)
+    for p in plots.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    summary = (plots / "summary.md").read_text()
+    assert "## DiT-XL/2 256px, fp32, flash attention on NVIDIA H200" in summary
+    assert "on NVIDIA A100-SXM4-80GB" in summary
+    assert "| bookkeeping | 32 | OOM |" in summary and "| bookkeeping | 64 | SKIPPED |" in summary
+    assert "| ghost | 8 | ok | 15.00 |" in summary  # GiB, from the fixture's 15 GiB peak
+    assert "| ghost | 48 | search |" in summary  # max batch from the search record
+    assert "| vanilla | 32 | grid |" in summary  # lower bound from the grid
+    assert "Skipped files" in summary and "corrupt_truncated.json" in summary and "foreign.json" in summary
+    assert "corrupt_truncated.json" in proc.stderr and "warning" in proc.stderr
+
+
+def test_ratios_to_vanilla_and_oom_rows():
+    recs = load_records(FIXTURES, warn=lambda msg: None)
+    assert len(recs) == 9  # the corrupt and the foreign file are skipped
+    runs, maxb = viz.records_to_frames(recs)
+    runs = viz.add_vanilla_ratios(runs)
+    h200 = runs[runs["device"] == "NVIDIA H200"].set_index(["experiment", "batch_size"])
+    assert h200.loc[("ghost", 8), "mem_x_vanilla"] == pytest.approx(15 / 14)
+    assert h200.loc[("ghost", 32), "time_x_vanilla"] == pytest.approx(700 / 330)
+    assert h200.loc[("vanilla", 8), "mem_x_vanilla"] == pytest.approx(1.0)
+    assert h200.loc[("bookkeeping", 32), "status"] == "oom"
+    assert h200.loc[("bookkeeping", 32), "mem_x_vanilla"] != h200.loc[("bookkeeping", 32), "mem_x_vanilla"]  # NaN
+    # the A100 vanilla run is not the reference of H200 runs
+    a100 = runs[runs["device"] != "NVIDIA H200"]
+    assert list(a100["experiment"]) == ["vanilla"] and a100["mem_x_vanilla"].iloc[0] == pytest.approx(1.0)
+    table = viz.max_batch_table(runs[runs["device"] == "NVIDIA H200"], maxb)
+    assert dict(zip(table["experiment"], table["max_batch"])) == {"bookkeeping": 8, "ghost": 48, "vanilla": 32}
+
+
+def test_empty_or_missing_folder(tmp_path):
+    assert viz.main(["--results-dir", str(tmp_path / "nope")]) == 2
+    (tmp_path / "junk.json").write_text(json.dumps([1, 2]))
+    assert viz.main(["--results-dir", str(tmp_path)]) == 0
+    assert "No valid records" in (tmp_path / "plots" / "summary.md").read_text()
