@@ -136,7 +136,7 @@ else
 fi
 
 # Effective model name, image size and experiment list, from the same code single_experiment.py uses.
-RESOLVED="$("$PY" - "$MODEL" "${PATCH_SIZE:-0}" "${IMAGE_SIZE:-0}" "$EXPERIMENTS" <<'PYEOF'
+RESOLVED="$("$PY" - "$MODEL" "${PATCH_SIZE:-0}" "${IMAGE_SIZE:-0}" "$EXPERIMENTS" "$NOISE_K" <<'PYEOF'
 import sys
 from memory_test.diffusion_profile.dit_models import build_dit_config
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, resolve_experiment, single_device_experiments
@@ -150,6 +150,15 @@ try:
 except (UsageError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+if int(sys.argv[5]) > 1:
+    no_k = [n for n in names if not EXPERIMENTS[n].supports_noise_multiplicity]
+    if no_k and exps:
+        print(f"error: {', '.join(no_k)} (upstream Opacus) cannot group K > 1 noise draws per image", file=sys.stderr)
+        sys.exit(2)
+    if no_k:
+        print(f"note: K > 1: leaving out {', '.join(no_k)} (upstream Opacus treats every row as a sample)",
+              file=sys.stderr)
+        names = [n for n in names if n not in no_k]
 dist = [n for n in names if EXPERIMENTS[n].distributed]
 if dist:
     print(f"error: {', '.join(dist)} need the multi-GPU launch (--nproc-per-node), which is not implemented yet",
