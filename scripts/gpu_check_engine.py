@@ -1,6 +1,6 @@
 """On a GPU: one DP step of every mode on real DiT-XL/2; each update vs upstream 'hooks'; step time and peak memory.
 
-    python scripts/gpu_check_engine.py --batch-size 8 --output results/engine_check_xl2_b8.json
+python scripts/gpu_check_engine.py --batch-size 8 --output results/engine_check_xl2_b8.json
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.diffusion_profile.dit_models import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
-
-XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-           sample_size=32, patch_size=2, num_embeds_ada_norm=1000, attention_bias=True, activation_fn="gelu-approximate")
 
 
 class DiT(nn.Module):
@@ -30,7 +28,7 @@ class DiT(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.model = DiTTransformer2DModel(**XL2)
+        self.model = DiTTransformer2DModel(**build_dit_config("DiT-XL/2"))
         for blk in self.model.transformer_blocks:
             blk.norm1.emb.class_embedder.dropout_prob = 0.0
 
@@ -50,8 +48,15 @@ def one_mode(base, mode, batch, max_grad_norm, steps):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loader = DataLoader(TensorDataset(torch.zeros(len(batch[0]))), batch_size=len(batch[0]))
     dp_model, dp_opt, crit, _ = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, criterion=criterion, noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm, grad_sample_mode=mode, poisson_sampling=False)
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=criterion,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=mode,
+        poisson_sampling=False,
+    )
     x, t, y, target = batch
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.cuda.reset_peak_memory_stats()
@@ -76,15 +81,19 @@ def one_mode(base, mode, batch, max_grad_norm, steps):
     backend = dp_model.kernel_backend() if hasattr(dp_model, "kernel_backend") else "torch"
     del dp_model, dp_opt, model
     torch.cuda.empty_cache()
-    return update, {"peak_allocated_bytes": peak, "step_ms_median": statistics.median(times[1:]),
-                    "step_ms_all": times, "kernel_backend": backend}
+    return update, {
+        "peak_allocated_bytes": peak,
+        "step_ms_median": statistics.median(times[1:]),
+        "step_ms_all": times,
+        "kernel_backend": backend,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--modes", default=",".join(["hooks", *MODES]))
+    ap.add_argument("--modes", default=",".join(["hooks", *(n for n, m in MODES.items() if not m.distributed)]))
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
@@ -96,17 +105,25 @@ def main():
             p.normal_(0, 0.02)
     n = args.batch_size
     gen = torch.Generator(device="cuda").manual_seed(1)
-    batch = (torch.randn(n, 4, 32, 32, device="cuda", generator=gen),
-             torch.randint(0, 1000, (n,), device="cuda", generator=gen),
-             torch.randint(0, 1000, (n,), device="cuda", generator=gen),
-             torch.randn(n, 4, 32, 32, device="cuda", generator=gen))
+    batch = (
+        torch.randn(n, 4, 32, 32, device="cuda", generator=gen),
+        torch.randint(0, 1000, (n,), device="cuda", generator=gen),
+        torch.randint(0, 1000, (n,), device="cuda", generator=gen),
+        torch.randn(n, 4, 32, 32, device="cuda", generator=gen),
+    )
     # C = median per-sample norm, so that some samples are clipped and some are not.
     probe = copy.deepcopy(base)
     loader = DataLoader(TensorDataset(torch.zeros(n)), batch_size=n)
     pm, _, pc, _ = PrivacyEngine().make_private(
-        module=probe, optimizer=torch.optim.SGD(probe.parameters(), lr=0.0), data_loader=loader,
-        criterion=criterion, noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="ghost",
-        poisson_sampling=False)
+        module=probe,
+        optimizer=torch.optim.SGD(probe.parameters(), lr=0.0),
+        data_loader=loader,
+        criterion=criterion,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+        poisson_sampling=False,
+    )
     pc(pm(*batch[:3]), batch[3]).backward()
     max_grad_norm = pm.per_sample_gradient_norms.median().item()
     del pm, pc, probe
@@ -126,9 +143,15 @@ def main():
         del update
     record = {
         "what": "one DP-SGD step (SGD lr=1, noise 0) on stock diffusers DiT-XL/2-256, fp32 without TF32",
-        "batch_size": n, "clipped_fraction_design": "C = median per-sample norm", "reference_mode": modes[0],
-        "env": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-                "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "batch_size": n,
+        "clipped_fraction_design": "C = median per-sample norm",
+        "reference_mode": modes[0],
+        "env": {
+            "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
         "modes": results,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -137,8 +160,10 @@ def main():
     os.replace(args.output + ".tmp", args.output)
     print(f"{'mode':14s} {'rel_err':>10s} {'step ms':>9s} {'peak GiB':>9s}")
     for mode, s in results.items():
-        print(f"{mode:14s} {s['rel_err_vs_' + modes[0]]:10.2e} {s['step_ms_median']:9.1f} "
-              f"{s['peak_allocated_bytes'] / 2**30:9.2f}")
+        print(
+            f"{mode:14s} {s['rel_err_vs_' + modes[0]]:10.2e} {s['step_ms_median']:9.1f} "
+            f"{s['peak_allocated_bytes'] / 2**30:9.2f}"
+        )
 
 
 if __name__ == "__main__":

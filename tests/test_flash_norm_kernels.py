@@ -84,11 +84,13 @@ def test_opacus_einsum_baseline_matches_opacus_norm_sampler():
 
 def test_choose_path():
     assert fn.choose_path(1, 1152, 6912) == "outer"
-    # T < d p / (d + p): 576 for d = p = 1152.
-    assert fn.choose_path(575, 1152, 1152) == "gram"
-    assert fn.choose_path(577, 1152, 1152) == "direct"
+    # bf16: T < 2 d p / (d + p), 1152 for d = p = 1152; fp32: T < 8 d p / (d + p), 4608.
+    assert fn.choose_path(1151, 1152, 1152, torch.bfloat16) == "gram"
+    assert fn.choose_path(1153, 1152, 1152, torch.bfloat16) == "direct"
+    assert fn.choose_path(4096, 4608, 1152, torch.bfloat16) == "direct"
+    assert fn.choose_path(4607, 1152, 1152) == "gram"
+    assert fn.choose_path(4609, 1152, 1152, torch.float32) == "direct"
     assert fn.choose_path(256, 1152, 4608) == "gram"
-    assert fn.choose_path(4096, 4608, 1152) == "direct"
     assert fn.choose_path(40, 3, 5) == "direct"
 
 
@@ -194,16 +196,18 @@ def test_many_tile_pairs_non_contiguous_and_mixed_dtypes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_shared_input_variant(dtype):
     A, _ = _pair(2, 21, 48, 1, dtype=dtype, device=KERNEL_DEVICE)
-    # Six gradients: under "auto" five take the Gram path (two launches sharing A: 4 + 1), p = 3 the direct path.
+    # Six gradients: under "auto" five take the Gram path (two launches sharing A: 4 + 1); p = 3 takes the direct
+    # path in bf16 (the fp32 crossover is higher).
     Gs = [_pair(2, 21, 1, p, dtype=dtype, device=KERNEL_DEVICE, seed=p)[1] for p in (48, 192, 64, 80, 3, 72)]
     Gs[1] = Gs[1][:, :, ::2]  # non-contiguous features: copied before the launch
     with_bias = [True, False, True, True, False, True]
     for path in ("auto", "gram", "direct"):
         outs = fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias, path=path, allow_tf32=False)
         for G, wb, result in zip(Gs, with_bias, outs):
-            assert result[2] == (fn.choose_path(21, 48, G.shape[-1]) if path == "auto" else path)
+            assert result[2] == (fn.choose_path(21, 48, G.shape[-1], dtype) if path == "auto" else path)
             _check_result(result, A, G, wb, RTOL[dtype])
-    assert {r[2] for r in fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias)} == {"gram", "direct"}
+    expected = {fn.choose_path(21, 48, G.shape[-1], dtype) for G in Gs}
+    assert {r[2] for r in fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias)} == expected
 
 
 @kernel_test

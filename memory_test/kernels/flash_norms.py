@@ -22,17 +22,23 @@ _MAX_GRID_Y = 65535  # CUDA's limit on the grid axis that carries the samples
 _MAX_SHARED_G = 4  # output gradients the Gram kernel dots against one input Gram per launch
 
 
-# The Gram kernel computes only the upper triangle of tile pairs (≈T²(d+p) flops against the direct path's 2Tdp)
-# but runs two accumulators on smaller tiles; 1.0 puts the crossover at T = dp/(d+p) (576 for d = p = 1152).
-# Retune from scripts/bench_flash_norms.py: the crossover moves to GRAM_ADVANTAGE * dp/(d+p).
-GRAM_ADVANTAGE = 1.0
+# The Gram path costs ≈T²(d+p) flops (upper triangle of tile pairs), the direct path 2Tdp; the crossover is at
+# T = GRAM_ADVANTAGE · dp/(d+p). Measured on an H200 (results/flash_norms/, B=128, DiT-XL/2 shapes): in bf16 the
+# direct kernel runs at 55-63% of the tensor-core roof and Gram wins at T=1024, direct at T=4096 (2.0 fits);
+# in fp32 (TF32) the direct kernel reaches only ~45 TFLOP/s against Gram's 130-190, and Gram still wins at T=4096.
+GRAM_ADVANTAGE = {torch.float32: 8.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 
 
-def choose_path(T: int, d: int, p: int) -> str:
-    """'outer' for one row per sample, else 'gram' when T(d+p) < GRAM_ADVANTAGE·dp, else 'direct'."""
+def choose_path(T: int, d: int, p: int, dtype: torch.dtype = torch.float32) -> str:
+    """'outer' for one row per sample, else 'gram' when T(d+p) < GRAM_ADVANTAGE[dtype]·dp, else 'direct'."""
     if T <= 1:
         return "outer"
-    return "gram" if T * (d + p) < GRAM_ADVANTAGE * d * p else "direct"
+    return "gram" if T * (d + p) < GRAM_ADVANTAGE.get(dtype, GRAM_ADVANTAGE[torch.float32]) * d * p else "direct"
+
+
+def _dot_dtype(A: torch.Tensor, G: torch.Tensor) -> torch.dtype:
+    """The precision the kernels multiply in: 16-bit only when both operands are 16-bit."""
+    return A.dtype if A.dtype == G.dtype else torch.float32
 
 
 def _interpret() -> bool:
@@ -64,9 +70,9 @@ def _resolve_backend(backend: str, device: torch.device, dtypes: list[torch.dtyp
     return "triton"
 
 
-def _resolve_path(path: str, T: int, d: int, p: int) -> str:
+def _resolve_path(path: str, T: int, d: int, p: int, dtype: torch.dtype) -> str:
     if path == "auto":
-        return choose_path(T, d, p)
+        return choose_path(T, d, p, dtype)
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected 'auto' or one of {PATHS}")
     if path == "outer" and T != 1:
@@ -181,7 +187,7 @@ def linear_sq_norms(
     """(||A_iᵀG_i||², ||Σ_t G_i,t||² or None, path used) per sample; allow_tf32=None follows torch's matmul flag."""
     A, G = check_pair(A, G)
     B, T, d = A.shape
-    chosen = _resolve_path(path, T, d, G.shape[-1])
+    chosen = _resolve_path(path, T, d, G.shape[-1], _dot_dtype(A, G))
     be = _resolve_backend(backend, A.device, [A.dtype, G.dtype])
     if be == "torch" or chosen == "outer" or A.numel() == 0 or G.numel() == 0:
         # outer: two row norms per sample, no GEMM worth a kernel; empty inputs: nothing to launch.
@@ -210,7 +216,7 @@ def multi_linear_sq_norms(
     A = as_rows(A)
     Gs = [check_pair(A, G)[1] for G in Gs]
     B, T, d = A.shape
-    paths = [_resolve_path(path, T, d, G.shape[-1]) for G in Gs]
+    paths = [_resolve_path(path, T, d, G.shape[-1], _dot_dtype(A, G)) for G in Gs]
     be = _resolve_backend(backend, A.device, [A.dtype, *(G.dtype for G in Gs)])
     out: list = [None] * len(Gs)
     shared = [i for i, pth in enumerate(paths) if pth == "gram"] if be == "triton" and A.numel() else []

@@ -21,7 +21,7 @@ class GhostNorms:
     def kernel_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         return "torch"
 
-    def predict_path(self, rows: int, d: int, p: int) -> str:
+    def predict_path(self, rows: int, d: int, p: int, dtype: torch.dtype = torch.float32) -> str:
         return "outer" if rows == 1 else "gram"
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
@@ -54,8 +54,8 @@ class FlashNorms:
     def kernel_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         return self._kernels.kernel_backend(device, dtype)
 
-    def predict_path(self, rows: int, d: int, p: int) -> str:
-        return self._kernels.choose_path(rows, d, p)
+    def predict_path(self, rows: int, d: int, p: int, dtype: torch.dtype = torch.float32) -> str:
+        return self._kernels.choose_path(rows, d, p, dtype)
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
