@@ -37,6 +37,7 @@ Selection
   --max-batch-only          only the max-batch searches, no batch-size grid
   --max-batch-limit N       stop the search there (default: single_experiment's, 65536 GPU / 64 CPU)
   --max-batch-resolution N  stop bisecting at this gap (default 1)
+  --max-batch-start N       first batch of the doubling (default 1)
 Model and run
   --model NAME              DiT preset, e.g. DiT-XL/2, DiT-B/2, DiT-tiny (default: DiT-XL/2 on GPU, DiT-tiny on CPU)
   --image-size N            image side in pixels (default: the model's, 256 for DiT-XL/2)
@@ -67,7 +68,7 @@ die() { echo "run_all_experiments.sh: error: $*" >&2; exit 2; }
 EXPERIMENTS="" BATCH_SIZES="" PRECISIONS="fp32" MODEL="" IMAGE_SIZE="" PATCH_SIZE="" IN_CHANNELS="4"
 NUM_CLASSES="" NUM_ITER="" WARMUP_ITER="" NOISE_K="1" SIGMA="" CLIP="" OPTIMIZER="" SEED="" FLASH="--use-flash-attention"
 DEVICE="auto" NPROC="1" OUT_DIR="$REPO_ROOT/results/diffusion_profile" FIND_MAX=0 MAX_ONLY=0 MAX_LIMIT=""
-MAX_RES="" PLOTS=1 DRY_RUN=0
+MAX_RES="" MAX_START="" PLOTS=1 DRY_RUN=0
 
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -97,6 +98,7 @@ while [[ $# -gt 0 ]]; do
         --max-batch-only) FIND_MAX=1; MAX_ONLY=1; shift ;;
         --max-batch-limit) need "$@"; MAX_LIMIT="$2"; shift 2 ;;
         --max-batch-resolution) need "$@"; MAX_RES="$2"; shift 2 ;;
+        --max-batch-start) need "$@"; MAX_START="$2"; shift 2 ;;
         --no-plots) PLOTS=0; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -105,7 +107,7 @@ done
 
 is_posint() { [[ "$1" =~ ^[0-9]+$ && "$1" -gt 0 ]]; }
 for v in ${BATCH_SIZES//,/ }; do is_posint "$v" || die "batch sizes must be positive integers, got '$v'"; done
-for v in "$NUM_ITER" "$MAX_LIMIT" "$MAX_RES" "$NOISE_K" "$NPROC"; do
+for v in "$NUM_ITER" "$MAX_LIMIT" "$MAX_RES" "$MAX_START" "$NOISE_K" "$NPROC"; do
     [[ -z "$v" ]] || is_posint "$v" || die "expected a positive integer, got '$v'"
 done
 [[ -z "$WARMUP_ITER" || "$WARMUP_ITER" =~ ^[0-9]+$ ]] || die "--warmup-iter must be >= 0, got '$WARMUP_ITER'"
@@ -183,6 +185,7 @@ COMMON=(--model "$MODEL" --image-size "$IMAGE_SIZE" --in-channels "$IN_CHANNELS"
 MAXARGS=(--find-max-batch)
 [[ -n "$MAX_LIMIT" ]] && MAXARGS+=(--max-batch-limit "$MAX_LIMIT")
 [[ -n "$MAX_RES" ]] && MAXARGS+=(--max-batch-resolution "$MAX_RES")
+[[ -n "$MAX_START" ]] && MAXARGS+=(--max-batch-start "$MAX_START")
 
 # ----- the plan: one line per configuration: experiment precision batch(or "max") -------------------------------
 SORTED_BS="$(echo "${BATCH_SIZES//,/ }" | tr ' ' '\n' | sort -n | uniq | tr '\n' ' ')"
