@@ -364,6 +364,8 @@ def measure(config: dict, device, partial: dict) -> dict:
     _seed_everything(config["seed"])
     _set_precision(config)
     if device.type == "cuda":
+        # A bare "cuda" has no index, which set_device rejects: pin the current device explicitly.
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     tracker = MemoryTracker(device)  # before the model exists: its sampled baseline excludes the model
     partial["tracker"] = tracker
