@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.dit_tiny import TinyDiT, make_batch
-from tests.test_privacy_exactness import N, _dp_update, _reference_update, _rel_err
+from tests.dp_reference import reference_update, rel_err
+from tests.test_privacy_exactness import N, _dp_update
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 kernel_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child (last test)")
@@ -21,13 +22,13 @@ kernel_only = pytest.mark.skipif(not IN_INTERPRETER, reason="runs in the TRITON_
 def test_kernel_path_update_matches_float64_reference(mode):
     model64 = TinyDiT().double().train()
     batch64 = make_batch(N, k=2)
-    _, norms = _reference_update(model64, batch64, 2, 1e9, "mean")
+    _, norms = reference_update(model64, batch64, N, 2, 1e9, "mean")
     max_grad_norm = norms.median().item()
-    want, _ = _reference_update(model64, batch64, 2, max_grad_norm, "mean")
+    want, _ = reference_update(model64, batch64, N, 2, max_grad_norm, "mean")
     model32 = TinyDiT().float().train()
     batch32 = tuple(x.float() if x.is_floating_point() else x for x in batch64)
     got = _dp_update(model32, batch32, 2, max_grad_norm, mode, "mean")
-    assert _rel_err([g.double() for g in got], want) <= 1e-4
+    assert rel_err([g.double() for g in got], want) <= 1e-4
 
 
 @kernel_only

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from memory_test.privacy import PrivacyConfigError, PrivacyEngine
 from memory_test.privacy.reference import clipped_sum, per_sample_gradients, per_sample_norms
 from tests.dit_tiny import TinyDiT, make_batch
+from tests.dp_reference import per_sample_criterion, reference_update, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # global batch
@@ -33,34 +34,6 @@ EXACT_CASES = [
     ("mean_even", "mean", 1, (2, 2)),
     ("sum_uneven_k2", "sum", 2, (3, 1)),
 ]
-
-
-def _criterion(k: int, reduction: str):
-    def criterion(pred, target):
-        return (pred - target).pow(2).flatten(1).mean(1).view(-1, k).mean(1)
-
-    criterion.reduction = reduction
-    return criterion
-
-
-def _reference(model, batch, k, max_grad_norm, reduction):
-    x, t, y, target = batch
-    crit = _criterion(k, reduction)
-
-    def loss_of_sample(i):
-        rows = slice(i * k, (i + 1) * k)
-        return crit(model(x[rows], t[rows], y[rows]), target[rows])[0]
-
-    grads = per_sample_gradients(model, loss_of_sample, N)
-    update = clipped_sum(grads, max_grad_norm)
-    if reduction == "mean":
-        update = [u / N for u in update]
-    return update, per_sample_norms(grads)
-
-
-def _rel_err(got, want) -> float:
-    num = torch.sqrt(sum((g - w).pow(2).sum() for g, w in zip(got, want)))
-    return (num / torch.sqrt(sum(w.pow(2).sum() for w in want))).item()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -81,9 +54,9 @@ def _exact_case(base, mode, reduction, k, split) -> dict:
 
     rank = dist.get_rank()
     batch = make_batch(N, k=k)
-    _, norms = _reference(base, batch, k, 1e9, reduction)
+    _, norms = reference_update(base, batch, N, k, 1e9, reduction)
     max_grad_norm = norms.median().item()  # some samples clipped, some not
-    want, _ = _reference(base, batch, k, max_grad_norm, reduction)
+    want, _ = reference_update(base, batch, N, k, max_grad_norm, reduction)
     model = shard_dit(copy.deepcopy(base))
     before = [_full(p.detach()).clone() for p in model.parameters()]
     _, dp_model, dp_opt, crit, _ = _make_private(
@@ -91,7 +64,7 @@ def _exact_case(base, mode, reduction, k, split) -> dict:
         dataset_size=N,
         batch_size=N,
         mode=mode,
-        criterion=_criterion(k, reduction),
+        criterion=per_sample_criterion(k, reduction),
         max_grad_norm=max_grad_norm,
         loss_reduction=reduction,
     )
@@ -102,7 +75,7 @@ def _exact_case(base, mode, reduction, k, split) -> dict:
     dp_opt.step()
     got = [b - _full(p.detach()) for b, p in zip(before, model.parameters())]
     clipped = bool((norms > max_grad_norm * 1.01).any() and (norms < max_grad_norm * 0.99).any())
-    return {"rel_err": _rel_err(got, want), "some_clipped": clipped}
+    return {"rel_err": rel_err(got, want), "some_clipped": clipped}
 
 
 def _vanilla_case(base) -> float:
@@ -117,7 +90,7 @@ def _vanilla_case(base) -> float:
     per = N // world
     rows = slice(rank * per, (rank + 1) * per)
     (model(x[rows], t[rows], y[rows]) - target[rows]).pow(2).mean().backward()  # FSDP2 averages over ranks
-    return _rel_err([_full(p.grad) for p in model.parameters()], want)
+    return rel_err([_full(p.grad) for p in model.parameters()], want)
 
 
 def _linear_stack(seed: int) -> nn.Module:
@@ -137,7 +110,7 @@ def _empty_rank_case() -> float:
     torch.manual_seed(2)
     x, target = torch.randn(N, 6, dtype=torch.float64), torch.randn(N, 3, dtype=torch.float64)
     base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    crit = _criterion(1, "mean")
+    crit = per_sample_criterion(1, "mean")
     grads = per_sample_gradients(base, lambda i: crit(base(x[i : i + 1]), target[i : i + 1])[0], N)
     max_grad_norm = per_sample_norms(grads).median().item()
     want = [u / N for u in clipped_sum(grads, max_grad_norm)]
@@ -152,7 +125,7 @@ def _empty_rank_case() -> float:
     rows = slice(0, N) if rank == 0 else slice(0, 0)
     dp_crit(dp_model(x[rows]), target[rows]).backward()
     dp_opt.step()
-    return _rel_err([b - _full(p.detach()) for b, p in zip(before, model.parameters())], want)
+    return rel_err([b - _full(p.detach()) for b, p in zip(before, model.parameters())], want)
 
 
 def _noise_case() -> dict:
@@ -165,7 +138,7 @@ def _noise_case() -> dict:
         model,
         dataset_size=n_global,
         batch_size=n_global,
-        criterion=_criterion(1, "mean"),
+        criterion=per_sample_criterion(1, "mean"),
         noise_multiplier=sigma,
         max_grad_norm=c,
     )
@@ -184,7 +157,7 @@ def _accounting_case() -> dict:
         model,
         dataset_size=dataset_size,
         batch_size=batch_size,
-        criterion=_criterion(1, "mean"),
+        criterion=per_sample_criterion(1, "mean"),
         noise_multiplier=sigma,
         poisson_sampling=True,
     )
@@ -204,7 +177,7 @@ def _accounting_case() -> dict:
 
 def _unsharded_model_error() -> str:
     try:
-        _make_private(nn.Linear(3, 2), dataset_size=4, batch_size=4, criterion=_criterion(1, "mean"))
+        _make_private(nn.Linear(3, 2), dataset_size=4, batch_size=4, criterion=per_sample_criterion(1, "mean"))
     except PrivacyConfigError as e:
         return str(e)
     return ""
@@ -249,7 +222,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", [c[0] for c in EXACT_CASES])
 @pytest.mark.parametrize("mode", SHARDED_MODES)
-def test_sharded_update_matches_single_process_reference(results, mode, case):
+def test_sharded_update_matches_single_processreference_update(results, mode, case):
     case = f"{mode}/{case}"
     assert results["world_size"] == 2
     assert results[case]["some_clipped"]
@@ -286,7 +259,7 @@ def test_sharded_mode_in_a_one_process_group_is_a_clear_error(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(PrivacyConfigError, match="world size is 1"):
-            _make_private(nn.Linear(3, 2), dataset_size=4, batch_size=4, criterion=_criterion(1, "mean"))
+            _make_private(nn.Linear(3, 2), dataset_size=4, batch_size=4, criterion=per_sample_criterion(1, "mean"))
     finally:
         dist.destroy_process_group()
 

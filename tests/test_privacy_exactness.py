@@ -9,35 +9,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from memory_test.privacy import MODES, PrivacyEngine
-from memory_test.privacy.reference import clipped_sum, per_sample_gradients, per_sample_norms
 from tests.dit_tiny import TinyDiT, make_batch
+from tests.dp_reference import per_sample_criterion, reference_update, rel_err
 
 N = 4
 SINGLE_PROCESS_MODES = sorted(name for name, m in MODES.items() if not m.distributed)
 ALL_MODES = SINGLE_PROCESS_MODES + ["hooks"]
-
-
-def _criterion(k: int, reduction: str):
-    def criterion(pred, target):
-        return (pred - target).pow(2).flatten(1).mean(1).view(-1, k).mean(1)
-
-    criterion.reduction = reduction
-    return criterion
-
-
-def _reference_update(model, batch, k, max_grad_norm, reduction):
-    x, t, y, target = batch
-    crit = _criterion(k, reduction)
-
-    def loss_of_sample(i):
-        rows = slice(i * k, (i + 1) * k)
-        return crit(model(x[rows], t[rows], y[rows]), target[rows])[0]
-
-    grads = per_sample_gradients(model, loss_of_sample, N)
-    update = clipped_sum(grads, max_grad_norm)
-    if reduction == "mean":
-        update = [u / N for u in update]
-    return update, per_sample_norms(grads)
 
 
 def _dp_update(model, batch, k, max_grad_norm, mode, reduction):
@@ -49,7 +26,7 @@ def _dp_update(model, batch, k, max_grad_norm, mode, reduction):
         module=model,
         optimizer=optimizer,
         data_loader=loader,
-        criterion=_criterion(k, reduction),
+        criterion=per_sample_criterion(k, reduction),
         noise_multiplier=0.0,
         max_grad_norm=max_grad_norm,
         grad_sample_mode=mode,
@@ -63,11 +40,6 @@ def _dp_update(model, batch, k, max_grad_norm, mode, reduction):
     return [b - p.detach() for b, p in zip(before, model.parameters())]
 
 
-def _rel_err(got, want):
-    num = torch.sqrt(sum((g - w).pow(2).sum() for g, w in zip(got, want)))
-    return (num / torch.sqrt(sum(w.pow(2).sum() for w in want))).item()
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     return TinyDiT().double().train()
@@ -77,26 +49,26 @@ def tiny_model():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_update_matches_reference(tiny_model, mode, reduction):
     batch = make_batch(N)
-    _, norms = _reference_update(tiny_model, batch, 1, 1e9, reduction)
+    _, norms = reference_update(tiny_model, batch, N, 1, 1e9, reduction)
     max_grad_norm = norms.median().item()  # some samples clipped, some not
     assert (norms > max_grad_norm * 1.01).any() and (norms < max_grad_norm * 0.99).any()
-    want, _ = _reference_update(tiny_model, batch, 1, max_grad_norm, reduction)
+    want, _ = reference_update(tiny_model, batch, N, 1, max_grad_norm, reduction)
     got = _dp_update(tiny_model, batch, 1, max_grad_norm, mode, reduction)
     # Every parameter with a non-zero reference update moves (embedders included; the key bias is exactly 0
     # because softmax ignores a shift shared by all keys).
     assert all(g.abs().sum() > 0 for g, w in zip(got, want) if w.abs().sum() > 1e-12)
-    assert _rel_err(got, want) <= 1e-6
+    assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", SINGLE_PROCESS_MODES)
 def test_noise_multiplicity_rows_form_one_sample(tiny_model, mode):
     k = 3
     batch = make_batch(N, k=k)
-    _, norms = _reference_update(tiny_model, batch, k, 1e9, "mean")
+    _, norms = reference_update(tiny_model, batch, N, k, 1e9, "mean")
     max_grad_norm = norms.median().item()
-    want, _ = _reference_update(tiny_model, batch, k, max_grad_norm, "mean")
+    want, _ = reference_update(tiny_model, batch, N, k, max_grad_norm, "mean")
     got = _dp_update(tiny_model, batch, k, max_grad_norm, mode, "mean")
-    assert _rel_err(got, want) <= 1e-6
+    assert rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("mode", SINGLE_PROCESS_MODES)
@@ -108,4 +80,4 @@ def test_unclipped_equals_plain_gradient(tiny_model, mode):
     loss = (model(x, t, y) - target).pow(2).flatten(1).mean(1).mean()
     want = torch.autograd.grad(loss, list(model.parameters()))
     got = _dp_update(tiny_model, batch, 1, 1e12, mode, "mean")
-    assert _rel_err(got, want) <= 1e-9
+    assert rel_err(got, want) <= 1e-9
