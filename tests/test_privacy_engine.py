@@ -267,3 +267,11 @@ def test_two_pass_frees_output_gradients_before_the_second_backward():
     dp_model.record_norms(loss.loss_per_sample, retain_graph=True)
     gc.collect()
     assert refs and all(r() is None for r in refs)
+
+
+def test_single_process_mode_under_several_processes_is_a_clear_error(monkeypatch):
+    """Each rank would clip and noise its own samples with no synchronisation: refuse, name the sharded modes."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(PrivacyConfigError, match="single-process but torch.distributed runs 2 processes.*fsdp"):
+        _make_private(nn.Linear(3, 2), mode="bookkeeping")

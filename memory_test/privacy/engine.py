@@ -13,7 +13,7 @@ from .errors import PrivacyConfigError
 from .fsdp import FSDPDPGradSampleModule
 from .grad_sample_module import DPGradSampleModule
 from .loss import DPLoss
-from .modes import BOOKKEEPING, UPSTREAM_PASSTHROUGH, Mode, resolve_mode, valid_mode_names
+from .modes import BOOKKEEPING, MODES, UPSTREAM_PASSTHROUGH, Mode, resolve_mode
 from .norm_backends import NORM_BACKENDS
 from .optimizer import FusedDPOptimizer
 
@@ -150,13 +150,22 @@ def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer)
 
 def _check_distributed(mode: Mode) -> bool:
     """Sharded modes need torchrun with several processes; single-device modes must not silently run sharded."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not mode.distributed:
+        if initialised and torch.distributed.get_world_size() > 1:
+            # Each rank would clip, noise and step on its own samples with no synchronisation.
+            raise PrivacyConfigError(
+                f"mode {mode.name!r} is single-process but torch.distributed runs "
+                f"{torch.distributed.get_world_size()} processes: use a sharded mode ("
+                + ", ".join(sorted(n for n, m in MODES.items() if m.distributed))
+                + ") or launch one process"
+            )
         return False
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not initialised:
         raise PrivacyConfigError(
             f"mode {mode.name!r} shards the model over GPUs: launch with `torchrun --nproc-per-node=N ...` and "
             "initialise torch.distributed first. Single-process modes: "
-            + ", ".join(n for n in valid_mode_names() if n in _single_device_names())
+            + ", ".join(sorted(n for n, m in MODES.items() if not m.distributed))
         )
     world = torch.distributed.get_world_size()
     if world < 2:  # one process would be a single-GPU run under a sharded name
@@ -171,9 +180,3 @@ def _check_distributed(mode: Mode) -> bool:
             "visible GPU(s); use --nproc-per-node <= the number of GPUs"
         )
     return True
-
-
-def _single_device_names():
-    from .modes import MODES
-
-    return {name for name, m in MODES.items() if not m.distributed}
