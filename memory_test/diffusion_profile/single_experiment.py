@@ -12,6 +12,12 @@ Examples:
     python -m memory_test.diffusion_profile.single_experiment --experiment bookkeeping --batch-size 32 \\
         --output results/bk_32.json
     python memory_test/diffusion_profile/single_experiment.py --experiment vanilla --find-max-batch --output max.json
+    # 2 GPUs, FSDP2 (torchrun is started here): per-GPU batch 16, global batch 32
+    python -m memory_test.diffusion_profile.single_experiment --experiment ghost_fsdp_bk --nproc-per-node 2 \\
+        --batch-size 16 --output results/ghost_fsdp_bk_w2.json
+
+With ``--nproc-per-node N`` > 1 (sharded modes, and ``vanilla`` as a plain FSDP2 baseline) the run re-launches
+itself under ``torchrun --standalone``; ``--batch-size`` is then the per-GPU batch (see distributed_launch.py).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python single_experiment.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from memory_test.diffusion_profile import distributed_launch as dl
 from memory_test.diffusion_profile.dit_models import DIT_MODELS, build_dit_config, resolve_model_name
 from memory_test.profiling import records
 
@@ -60,7 +67,7 @@ def build_parser(experiment_names: list[str]) -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--experiment", required=True, choices=experiment_names, help="training mode")
     g.add_argument("--output", required=True, help="JSON record to write (atomically)")
-    g.add_argument("--batch-size", type=int, default=4, help="samples per step (B)")
+    g.add_argument("--batch-size", type=int, default=4, help="samples per step (B); per GPU with --nproc-per-node")
     g.add_argument("--num-iter", type=int, default=10, help="measured steps")
     g.add_argument("--warmup-iter", type=int, default=3, help="steps before the peak counters are reset")
     g.add_argument("--noise-multiplicity", type=int, default=1, help="K noise draws per image: B*K rows per step")
@@ -85,7 +92,13 @@ def build_parser(experiment_names: list[str]) -> argparse.ArgumentParser:
     r.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw")
     r.add_argument("--lr", type=float, default=1e-4)
     r.add_argument("--memory-snapshot", default=None, metavar="PATH", help="CUDA allocator snapshot (.pickle)")
-    r.add_argument("--nproc-per-node", type=int, default=1, help="GPUs for sharded modes (not implemented yet)")
+    r.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes (GPUs) under torchrun, started by this script: FSDP2 for the sharded DP modes "
+        f"({', '.join(dl.sharded_experiments())}) and for vanilla; global batch = N x --batch-size",
+    )
     d = p.add_argument_group("privacy")
     d.add_argument("--noise-multiplier", type=float, default=1.0, help="σ")
     d.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm C")
@@ -192,10 +205,13 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
             f"group the K={args.noise_multiplicity} noise draws of one image into one privacy unit; use "
             "--noise-multiplicity 1, or an engine mode (e.g. ghost, bookkeeping) which supports K > 1"
         )
-    if exp.distributed or args.nproc_per_node > 1:
-        launch_distributed(exp, args)
-
-    device = resolve_device(args.device)
+    try:
+        dl.check_request(exp, args.nproc_per_node)
+        requested = resolve_device(args.device)
+        dl.check_device(requested, args.device, args.nproc_per_node)
+    except dl.DistUsageError as e:
+        raise UsageError(str(e)) from None
+    device = dl.worker_device(requested) if dl.is_worker() else requested
     model, notice = _model_name(args.model, args.patch_size, device)
     try:
         dit_cfg = build_dit_config(model, args.image_size, None, args.in_channels, args.num_classes)
@@ -228,7 +244,7 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         "precision": args.precision,
         "tf32_matmul": device.type == "cuda",
         "autocast_dtype": "bfloat16" if args.precision == "bf16" else None,
-        "device": str(device),
+        "device": str(requested),
         "use_flash_attention": args.use_flash_attention,
         "optimizer": args.optimizer,
         "lr": args.lr,
@@ -243,35 +259,14 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         "data": "synthetic: fixed seeded N(0,1) latents and uniform labels; t and noise drawn every step",
         "class_dropout_prob": 0.1,
         "nproc_per_node": args.nproc_per_node,
+        "world_size": args.nproc_per_node,
+        "global_batch_size": args.batch_size * args.nproc_per_node,
+        "fsdp2": args.nproc_per_node > 1,
         "memory_snapshot": args.memory_snapshot,
         "output": str(args.output),
     }
     notices = [notice] if notice else []
     return config, device, notices
-
-
-def launch_distributed(exp, args) -> None:
-    """Hook point for sharded modes (e.g. ghost_fsdp_bk) launched over ``--nproc-per-node`` GPUs with torchrun.
-
-    Not implemented yet: when it is, this launches ``torchrun --nproc-per-node=N -m
-    memory_test.diffusion_profile.single_experiment ...`` and rank 0 writes the record. Until then: a clear error.
-    """
-    if exp.distributed:
-        raise UsageError(
-            f"--experiment {exp.name} shards the model over several GPUs; the multi-GPU launch "
-            "(--nproc-per-node N) of single_experiment.py is not implemented yet. Single-GPU experiments: "
-            + ", ".join(_single_device_names())
-        )
-    raise UsageError(
-        f"--nproc-per-node {args.nproc_per_node}: multi-GPU launch is not implemented yet, and "
-        f"{exp.name} is a single-GPU experiment; use --nproc-per-node 1"
-    )
-
-
-def _single_device_names() -> list[str]:
-    from memory_test.diffusion_profile.experiments import single_device_experiments
-
-    return single_device_experiments()
 
 
 # ----- privacy line -------------------------------------------------------------------------------------------
@@ -283,7 +278,7 @@ def privacy_block(config: dict) -> dict | None:
         return None
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    n, b = config["dataset_size"], config["batch_size"]
+    n, b = config["dataset_size"], config.get("global_batch_size", config["batch_size"])  # N*B under torchrun
     q = b / n
     steps = math.ceil(config["epochs"] * n / b)
     sigma, delta = config["noise_multiplier"], config["delta"]
@@ -293,6 +288,7 @@ def privacy_block(config: dict) -> dict | None:
         "noise_std": sigma * config["max_grad_norm"],
         "delta": delta,
         "dataset_size": n,
+        "batch_size": b,
         "sample_rate": q,
         "epochs": config["epochs"],
         "steps": steps,
@@ -345,8 +341,12 @@ def _set_precision(config: dict) -> None:
     torch.backends.cudnn.allow_tf32 = config["tf32_matmul"]
 
 
-def measure(config: dict, device, partial: dict) -> dict:
-    """Build, warm up, measure. Fills ``partial`` as it goes so that an oom/error record keeps what is known."""
+def measure(config: dict, device, partial: dict, dist=None) -> dict:
+    """Build, warm up, measure. Fills ``partial`` as it goes so that an oom/error record keeps what is known.
+
+    ``dist``: a ``distributed_launch.WorkerContext`` inside a torchrun worker (FSDP2, this rank's slice of the
+    global batch, results gathered over ranks), else None.
+    """
     import torch
 
     from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
@@ -382,10 +382,12 @@ def measure(config: dict, device, partial: dict) -> dict:
             class_dropout_prob=config["class_dropout_prob"],
         )
     model.to(device)
+    if dist is not None:
+        dist.shard(model)  # FSDP2, before the optimizer and make_private see the parameters
     facts = model.facts
     partial["model"] = {
         "name": config["model"],
-        "params": model.num_params,
+        "params": model.num_params if dist is None else sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_per_sample": model.tokens_per_sample,
         "hidden_size": facts.hidden_size,
@@ -394,7 +396,7 @@ def measure(config: dict, device, partial: dict) -> dict:
     }
     ctx = RunContext(
         device=device,
-        batch_size=config["batch_size"],
+        batch_size=config["global_batch_size"],  # the DP loader's batch: the global one under torchrun
         noise_multiplicity=config["noise_multiplicity"],
         noise_multiplier=config["noise_multiplier"],
         max_grad_norm=config["max_grad_norm"],
@@ -407,15 +409,19 @@ def measure(config: dict, device, partial: dict) -> dict:
     partial["experiment_notes"] = prepared.notes
 
     gen = torch.Generator().manual_seed(config["seed"])  # CPU generator: same data on every device
-    x0 = torch.randn(config["batch_size"], *config["latent_shape"], generator=gen).to(device)
-    labels = torch.randint(0, config["num_classes"], (config["batch_size"],), generator=gen).to(device)
+    b, rank = config["batch_size"], dist.rank if dist is not None else 0
+    x0 = torch.randn(config["global_batch_size"], *config["latent_shape"], generator=gen)
+    labels = torch.randint(0, config["num_classes"], (config["global_batch_size"],), generator=gen)
+    if dist is not None:  # this rank's contiguous slice of the seeded global batch
+        x0, labels = dist.local_rows(x0, b), dist.local_rows(labels, b)
+    x0, labels = x0.to(device), labels.to(device)
     step = make_train_step(
         prepared,
         x0,
         labels,
         noise_multiplicity=config["noise_multiplicity"],
         autocast_dtype=torch.bfloat16 if config["precision"] == "bf16" else None,
-        seed=config["seed"],
+        seed=config["seed"] + 1000 * rank,  # t and noise: independent draws on every rank
     )
     inject = os.environ.get(INJECT_OOM_ENV)
     if inject is not None and config["batch_size"] > int(inject):
@@ -461,7 +467,7 @@ def measure(config: dict, device, partial: dict) -> dict:
         {
             "weights": mb.weight_bytes(model),
             # one .grad per trainable parameter, allocated each step (freed by zero_grad(set_to_none=True))
-            "gradients": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+            "gradients": mb.trainable_param_bytes(model),
             "optimizer_state": mb.optimizer_state_bytes(prepared.base_optimizer),
             "dp_state": dp_state,
         },
@@ -484,7 +490,7 @@ def measure(config: dict, device, partial: dict) -> dict:
         "attention_fallbacks": dict(getattr(model.attention_processor, "fallbacks", {}) or {}),
     }
     backends.update(dp_backend_info(prepared.model) if exp.private else {"kernel_backend": None})
-    return {
+    result = {
         "peak_memory_mb": total / 2**20 if total is not None else None,
         "avg_time_ms": timing["mean_ms"],
         "timing": timing,
@@ -493,6 +499,9 @@ def measure(config: dict, device, partial: dict) -> dict:
         "loss": {"final_mean_loss": loss_value, "finite": math.isfinite(loss_value)},
         "memory_snapshot": snap,
     }
+    if dist is not None:
+        result = dist.combine(result, step_ms, config["batch_size"], config["noise_multiplicity"])
+    return result
 
 
 def base_record(config: dict, env: dict, record_type: str = "run") -> dict:
@@ -526,12 +535,12 @@ def _env(device) -> dict:
     return env
 
 
-def run_and_record(config: dict, device) -> tuple[dict, int]:
+def run_and_record(config: dict, device, dist=None) -> tuple[dict, int]:
     t0 = time.perf_counter()
     rec = base_record(config, _env(device))
     partial: dict = {}
     try:
-        result = measure(config, device, partial)
+        result = measure(config, device, partial, dist)
         rec.update(result)
         rec["status"], code = "ok", records.EXIT_OK
     except Exception as exc:
@@ -600,6 +609,8 @@ def config_to_argv(config: dict) -> list[str]:
         "--epochs", repr(config["epochs"]), "--accountant", config["accountant"],
     ]  # fmt: skip
     argv.append("--use-flash-attention" if config["use_flash_attention"] else "--no-flash-attention")
+    if config.get("nproc_per_node", 1) > 1:  # each probe is its own torchrun launch
+        argv += ["--nproc-per-node", str(config["nproc_per_node"])]
     return argv
 
 
@@ -706,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     from memory_test.diffusion_profile.experiments import experiment_names
 
     parser = build_parser(experiment_names())
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         config, device, notices = validate(args)
@@ -723,22 +735,37 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(status=args.record_only, message=message, exit_code=None, recorded_by="sweep")
         records.write_record_atomic(args.output, rec)
         return records.EXIT_OK
+    if dl.is_worker():  # one rank of a torchrun launch (started below, by the parent process)
+        if args.find_max_batch:
+            print(f"{parser.prog}: error: --find-max-batch runs in the launching process", file=sys.stderr)
+            return records.EXIT_USAGE
+        return dl.run_worker(config, device, report)
     if args.find_max_batch:
         rec, code = find_max_batch(config, device, args)
+    elif args.nproc_per_node > 1:
+        return dl.launch(argv, config, device, report)
     else:
         rec, code = run_and_record(config, device)
     records.write_record_atomic(args.output, rec)
+    report(rec, config)
+    return code
+
+
+def report(rec: dict, config: dict) -> None:
+    """One console line about a written record."""
     summary = f"{config['experiment']} batch={rec['config']['batch_size']} {config['precision']} {config['device']}"
+    if config.get("nproc_per_node", 1) > 1:
+        summary += f" x{config['nproc_per_node']} processes"
+    out = config["output"]
     if rec["status"] == "ok" and rec["record_type"] == "max_batch":
-        print(f"{summary}: max batch {rec['max_batch']['max_batch_size']} -> {args.output}")
+        print(f"{summary}: max batch {rec['max_batch']['max_batch_size']} -> {out}")
     elif rec["status"] == "ok":
         t, m = rec["timing"], rec["memory"]
         peak = m.get("total_bytes")
         peak_s = f"{peak / 2**20:.1f} MiB" if peak is not None else "n/a"
-        print(f"{summary}: peak {peak_s}, median step {t['median_ms']:.2f} ms -> {args.output}")
+        print(f"{summary}: peak {peak_s}, median step {t['median_ms']:.2f} ms{dl.describe(rec)} -> {out}")
     else:
-        print(f"{summary}: {rec['status'].upper()}: {rec['message']} -> {args.output}", file=sys.stderr)
-    return code
+        print(f"{summary}: {rec['status'].upper()}: {rec['message']} -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

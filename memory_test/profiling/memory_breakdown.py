@@ -14,9 +14,16 @@ import torch
 PARTS = ("weights", "gradients", "optimizer_state", "dp_state", "activations_and_other")
 
 
+def _local(t):
+    """A DTensor's local shard (FSDP2 parameters, their gradients and optimizer state); other tensors as they are."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 def _unique_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
+        t = _local(t) if isinstance(t, torch.Tensor) else t
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.device)
@@ -30,6 +37,11 @@ def _unique_bytes(tensors) -> int:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of all parameters (trainable and frozen) and buffers."""
     return _unique_bytes(list(model.parameters()) + list(model.buffers()))
+
+
+def trainable_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of one gradient per trainable parameter (this rank's shard of a sharded parameter)."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
 def grad_bytes(model: torch.nn.Module) -> int:
