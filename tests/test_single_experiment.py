@@ -160,7 +160,7 @@ BAD_INPUTS = {
     "RGB channels": (["--in-channels", "3"], "4-channel VAE latents"),
     "upstream with K>1": (["--experiment", "opacus_hooks", "--noise-multiplicity", "2"], "cannot"),
     "unknown model": (["--model", "DiT-XXL/3"], "unknown DiT model"),
-    "multi-gpu": (["--nproc-per-node", "2"], "not implemented yet"),
+    "single-GPU DP mode on 2 processes": (["--experiment", "ghost", "--nproc-per-node", "2"], "not supported sharded"),
     "clip norm": (["--max-grad-norm", "0"], "--max-grad-norm must be"),
 }
 
@@ -192,12 +192,12 @@ def test_bad_inputs_exit_nonzero_without_a_file(tmp_path, capsys, case):
     assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*tmp"))
 
 
-def test_distributed_modes_are_rejected_until_the_launch_exists(tmp_path, capsys):
+def test_sharded_mode_on_one_process_is_rejected(tmp_path, capsys):
     dist = [n for n, e in EXPERIMENTS.items() if e.distributed]
     if not dist:
         pytest.skip("the engine registers no sharded mode yet")
     code = se.main(["--experiment", dist[0], "--output", str(tmp_path / "x.json"), *TINY])
-    assert code == records.EXIT_USAGE and "not implemented yet" in capsys.readouterr().err
+    assert code == records.EXIT_USAGE and "needs --nproc-per-node N >= 2" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 

@@ -34,8 +34,10 @@ def test_help_and_bad_options():
     assert sweep(["--bogus"]).returncode == 2
     bad = sweep(["--batch-sizes", "4,0"])
     assert bad.returncode == 2 and "positive integers" in bad.stderr
-    multi = sweep(["--nproc-per-node", "2"])
-    assert multi.returncode == 2 and "not implemented yet" in multi.stderr
+    multi = sweep(["--nproc-per-node", "2", "--experiments", "ghost", "--device", "cpu"])
+    assert multi.returncode == 2 and "not supported sharded" in multi.stderr
+    single = sweep(["--experiments", "ghost_fsdp_bk", "--device", "cpu"])
+    assert single.returncode == 2 and "needs --nproc-per-node N >= 2" in single.stderr
 
 
 def test_sweep_records_oom_skips_resumes_and_plots(tmp_path):

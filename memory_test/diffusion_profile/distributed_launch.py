@@ -176,13 +176,13 @@ def _median(values: list[float]) -> float | None:
 
 def run_worker(config: dict, device, report) -> int:
     """One torchrun rank: measure (FSDP2), rank 0 writes the record; a failed rank writes its own for the parent."""
+    import warnings
+
     import torch
     import torch.distributed as dist
 
     from memory_test.diffusion_profile import single_experiment as se
     from memory_test.diffusion_profile.experiments import resolve_experiment
-
-    import warnings
 
     # The DiT wrapper returns a slice of diffusers' output; the step never modifies it in place, so FSDP2's
     # pre-backward hook on that view is safe.
@@ -295,4 +295,3 @@ def describe(rec: dict) -> str:
         f"peak max {block['peak_bytes_max'] / 2**20:.1f} MiB mean {block['peak_bytes_mean'] / 2**20:.1f} MiB, "
         f"{block['global_samples_per_s']:.1f} samples/s"
     )
-

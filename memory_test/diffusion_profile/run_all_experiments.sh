@@ -4,6 +4,7 @@
 #   bash memory_test/diffusion_profile/run_all_experiments.sh                      # everything, default sizes
 #   bash run_all_experiments.sh --experiments vanilla,ghost --batch-sizes 8,32,64 --precisions fp32,bf16
 #   bash run_all_experiments.sh --batch-size 4 --num-iter 10 --no-flash-attention  # flags of the original script
+#   bash run_all_experiments.sh --nproc-per-node 2 --batch-sizes 8,16   # FSDP2 on 2 GPUs: sharded DP modes + vanilla
 #
 # Run with --help for every option. Rerunning the same command resumes: finished records (ok, oom, skipped) are
 # kept, error records are retried. Ctrl-C stops the running configuration and leaves no partial file.
@@ -29,8 +30,9 @@ Runs every (experiment x batch size x precision) configuration with single_exper
 writing one JSON record per configuration into --output-dir; then draws the charts and prints summary.md.
 
 Selection
-  --experiments a,b,c       experiments to run (default: every single-GPU experiment of the registry)
-  --batch-sizes 8,32,64     batch sizes (default: 8,32,64 on a GPU; 2,4 on CPU)
+  --experiments a,b,c       experiments to run (default: every single-GPU experiment of the registry; with
+                            --nproc-per-node N > 1: the sharded DP modes and the vanilla FSDP2 baseline)
+  --batch-sizes 8,32,64     batch sizes, per GPU (default: 8,32,64 on a GPU; 2,4 on CPU)
   --batch-size N            one batch size (same as --batch-sizes N)
   --precisions fp32,bf16    precisions (default: fp32); --precision P is the same for one
   --find-max-batch          also search the largest batch of each experiment and precision
@@ -51,15 +53,16 @@ Model and run
   --optimizer NAME          adamw | adam | sgd  --seed N
   --use-flash-attention / --no-flash-attention
   --device DEV              auto | cuda | cuda:N | cpu (default auto)
-  --nproc-per-node N        GPUs for sharded modes (multi-GPU launch: not implemented yet)
+  --nproc-per-node N        processes (GPUs) per run: N > 1 runs each configuration under torchrun with FSDP2
+                            (single_experiment.py starts it); global batch = N x batch size
 Output
   --output-dir DIR          records, charts and summary.md (default: results/diffusion_profile)
   --no-plots                skip the visualizer at the end
   --dry-run                 list the configurations and whether they would run, then stop
   -h, --help                this help
 
-Each record is named <experiment>__<model>__img<size>__bs<B>__<precision>__k<K>__<fa|nofa>.json (bsmax for a
-max-batch search). Larger batches of an experiment that ran out of memory are recorded as "skipped".
+Each record is named <experiment>__<model>__img<size>__bs<B>__<precision>__k<K>__<fa|nofa>[__w<N>].json (bsmax
+for a max-batch search; __w<N> only when N > 1). Larger batches of an experiment that ran out of memory are recorded as "skipped".
 EOF
 }
 
@@ -112,11 +115,6 @@ for v in "$NUM_ITER" "$MAX_LIMIT" "$MAX_RES" "$MAX_START" "$NOISE_K" "$NPROC"; d
 done
 [[ -z "$WARMUP_ITER" || "$WARMUP_ITER" =~ ^[0-9]+$ ]] || die "--warmup-iter must be >= 0, got '$WARMUP_ITER'"
 for p in ${PRECISIONS//,/ }; do [[ "$p" == fp32 || "$p" == bf16 ]] || die "precision must be fp32 or bf16, got '$p'"; done
-if [[ "$NPROC" -gt 1 ]]; then
-    # Hook point: sharded modes (e.g. ghost_fsdp_bk) will be launched here with torchrun once single_experiment.py
-    # supports --nproc-per-node > 1.
-    die "--nproc-per-node $NPROC: the multi-GPU launch is not implemented yet"
-fi
 
 # ----- device and defaults ---------------------------------------------------------------------------------------
 HAS_GPU=0
@@ -138,17 +136,28 @@ else
 fi
 
 # Effective model name, image size and experiment list, from the same code single_experiment.py uses.
-RESOLVED="$("$PY" - "$MODEL" "${PATCH_SIZE:-0}" "${IMAGE_SIZE:-0}" "$EXPERIMENTS" "$NOISE_K" <<'PYEOF'
+RESOLVED="$("$PY" - "$MODEL" "${PATCH_SIZE:-0}" "${IMAGE_SIZE:-0}" "$EXPERIMENTS" "$NOISE_K" "$NPROC" "$ON_GPU" <<'PYEOF'
 import sys
+from memory_test.diffusion_profile import distributed_launch as dl
 from memory_test.diffusion_profile.dit_models import build_dit_config
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, resolve_experiment, single_device_experiments
 from memory_test.diffusion_profile.single_experiment import UsageError, _model_name
 import torch
 model, patch, img, exps = sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]) or None, sys.argv[4]
+nproc, on_gpu = int(sys.argv[6]), sys.argv[7] == "1"
 try:
     name, _ = _model_name(model, patch, torch.device("cpu"))
     cfg = build_dit_config(name, img)
-    names = [resolve_experiment(e.strip()).name for e in exps.split(",") if e.strip()] if exps else single_device_experiments()
+    if exps:
+        names = [resolve_experiment(e.strip()).name for e in exps.split(",") if e.strip()]
+    elif nproc > 1:
+        names = [*dl.FSDP_BASELINES, *dl.sharded_experiments()]
+    else:
+        names = single_device_experiments()
+    for n in dict.fromkeys(names):
+        dl.check_request(EXPERIMENTS[n], nproc)
+    if on_gpu and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc-per-node {nproc}: only {torch.cuda.device_count()} GPU(s) visible")
 except (UsageError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -161,11 +170,6 @@ if int(sys.argv[5]) > 1:
         print(f"note: K > 1: leaving out {', '.join(no_k)} (upstream Opacus treats every row as a sample)",
               file=sys.stderr)
         names = [n for n in names if n not in no_k]
-dist = [n for n in names if EXPERIMENTS[n].distributed]
-if dist:
-    print(f"error: {', '.join(dist)} need the multi-GPU launch (--nproc-per-node), which is not implemented yet",
-          file=sys.stderr)
-    sys.exit(2)
 print(name, cfg["sample_size"] * 8, ",".join(dict.fromkeys(names)))
 PYEOF
 )" || die "bad --model/--image-size/--patch-size/--experiments (see above)"
@@ -176,7 +180,9 @@ mkdir -p "$OUT_DIR" || die "cannot create --output-dir $OUT_DIR"
 [[ -w "$OUT_DIR" ]] || die "--output-dir $OUT_DIR is not writable"
 
 COMMON=(--model "$MODEL" --image-size "$IMAGE_SIZE" --in-channels "$IN_CHANNELS" --device "$DEVICE"
-        --num-iter "$NUM_ITER" --warmup-iter "$WARMUP_ITER" --noise-multiplicity "$NOISE_K" "$FLASH")
+        --num-iter "$NUM_ITER" --warmup-iter "$WARMUP_ITER" --noise-multiplicity "$NOISE_K" "$FLASH"
+        --nproc-per-node "$NPROC")
+W_TAG=""; [[ "$NPROC" -gt 1 ]] && W_TAG="__w$NPROC"
 [[ -n "$NUM_CLASSES" ]] && COMMON+=(--num-classes "$NUM_CLASSES")
 [[ -n "$SIGMA" ]] && COMMON+=(--noise-multiplier "$SIGMA")
 [[ -n "$CLIP" ]] && COMMON+=(--max-grad-norm "$CLIP")
@@ -200,14 +206,14 @@ TOTAL=${#PLAN[@]}
 
 record_path() {  # experiment precision batch|max
     local b="bs$3"; [[ "$3" == max ]] && b="bsmax"
-    echo "$OUT_DIR/${1}__${MODEL_SLUG}__img${IMAGE_SIZE}__${b}__${2}__k${NOISE_K}__${FA_TAG}.json"
+    echo "$OUT_DIR/${1}__${MODEL_SLUG}__img${IMAGE_SIZE}__${b}__${2}__k${NOISE_K}__${FA_TAG}${W_TAG}.json"
 }
 record_status() { "$PY" -m memory_test.profiling.records status "$1" 2>/dev/null || echo invalid; }
 fmt_s() { local s=$1; printf '%d:%02d:%02d' $((s / 3600)) $((s % 3600 / 60)) $((s % 60)); }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 echo "Sweep: $TOTAL configuration(s) | model $MODEL img $IMAGE_SIZE | device $DEVICE | experiments $EXPERIMENTS"
-echo "       batch sizes ${SORTED_BS% } | precisions $PRECISIONS | K=$NOISE_K | $FA_TAG | records in $OUT_DIR"
+echo "       batch sizes ${SORTED_BS% } | precisions $PRECISIONS | K=$NOISE_K | $FA_TAG | processes $NPROC | records in $OUT_DIR"
 
 # ----- Ctrl-C: stop the child, leave no partial file ------------------------------------------------------------
 CHILD=""

@@ -50,13 +50,19 @@ def _get(d, *path, default=None):
     return d
 
 
+def run_device(r: dict) -> str:
+    """Hardware label, plus " x<N> FSDP2" for a run over N processes (never mixed with single-GPU runs)."""
+    world = (r.get("config") or {}).get("world_size") or 1
+    return device_label(r) + (f" x{world} FSDP2" if world > 1 else "")
+
+
 def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, max_batch) tables, one row per record; the latest record wins for a repeated configuration."""
     runs, maxb = [], []
     for r in recs:
         cfg = r["config"]
         row = {
-            "device": device_label(r),
+            "device": run_device(r),
             "model": cfg.get("model"),
             "image_size": cfg.get("image_size"),
             "precision": cfg.get("precision"),
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = load_records(results, warn=warn)
     runs, maxb = records_to_frames(recs)
     runs = add_vanilla_ratios(runs)
-    gpu_mem = {device_label(r): r["env"].get("gpu_total_memory_bytes") for r in recs}
+    gpu_mem = {run_device(r): r["env"].get("gpu_total_memory_bytes") for r in recs}
     settings = []
     for frame in (runs, maxb):
         if not frame.empty:
