@@ -697,6 +697,8 @@ def find_max_batch(config: dict, device, args: argparse.Namespace) -> tuple[dict
         rec["privacy"] = privacy_block(rec["config"])
         for key in ("model", "peak_memory_mb", "avg_time_ms", "timing", "memory", "backends", "experiment_notes"):
             rec[key] = best.get(key)
+        if best.get("distributed") is not None:  # a probe over N > 1 processes
+            rec["distributed"] = best["distributed"]
     rec["exit_code"] = code
     rec["duration_s"] = time.perf_counter() - t0
     return rec, code
