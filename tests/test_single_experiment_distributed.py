@@ -82,3 +82,17 @@ def test_bad_process_counts_exit_2_without_a_file(tmp_path, args, expect):
     assert proc.returncode == records.EXIT_USAGE
     assert expect in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_more_processes_than_gpus_or_a_fixed_gpu_is_a_usage_error(monkeypatch):
+    import torch
+
+    from memory_test.diffusion_profile import distributed_launch as dl
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(dl.DistUsageError, match="only 1 GPU"):
+        dl.check_device(torch.device("cuda"), "cuda", 2)
+    with pytest.raises(dl.DistUsageError, match="rank r uses cuda:r"):
+        dl.check_device(torch.device("cuda", 0), "cuda:0", 2)
+    dl.check_device(torch.device("cuda"), "cuda", 1)  # one process: the single-GPU path checks the device
+    dl.check_device(torch.device("cpu"), "cpu", 4)  # gloo: any number of CPU processes

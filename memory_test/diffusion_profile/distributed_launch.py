@@ -84,7 +84,7 @@ def check_device(device, device_arg: str, nproc: int) -> None:
 
     if nproc < 2 or device.type != "cuda":
         return
-    if device.index is not None and device_arg != "auto":
+    if device.index is not None:
         raise DistUsageError(
             f"--device {device_arg} with --nproc-per-node {nproc}: rank r uses cuda:r; pass --device cuda "
             "(choose GPUs with CUDA_VISIBLE_DEVICES)"

@@ -266,6 +266,8 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         "output": str(args.output),
     }
     notices = [notice] if notice else []
+    if args.nproc_per_node > 1 and requested.type == "cpu" and args.device == "auto" and not dl.is_worker():
+        notices.append(f"no GPU: {args.nproc_per_node} CPU processes with gloo (pass --device cuda to require GPUs)")
     return config, device, notices
 
 
