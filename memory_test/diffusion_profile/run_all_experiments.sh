@@ -40,6 +40,8 @@ Selection
   --max-batch-limit N       stop the search there (default: single_experiment's, 65536 GPU / 64 CPU)
   --max-batch-resolution N  stop bisecting at this gap (default 1)
   --max-batch-start N       first batch of the doubling (default 1)
+  --no-max-batch-bracket    always double from the start; by default a search whose grid records already hold a
+                            batch that ran and a larger one that ran out of memory only bisects between the two
 Model and run
   --model NAME              DiT preset, e.g. DiT-XL/2, DiT-B/2, DiT-tiny (default: DiT-XL/2 on GPU, DiT-tiny on CPU)
   --image-size N            image side in pixels (default: the model's, 256 for DiT-XL/2)
@@ -71,7 +73,7 @@ die() { echo "run_all_experiments.sh: error: $*" >&2; exit 2; }
 EXPERIMENTS="" BATCH_SIZES="" PRECISIONS="fp32" MODEL="" IMAGE_SIZE="" PATCH_SIZE="" IN_CHANNELS="4"
 NUM_CLASSES="" NUM_ITER="" WARMUP_ITER="" NOISE_K="1" SIGMA="" CLIP="" OPTIMIZER="" SEED="" FLASH="--use-flash-attention"
 DEVICE="auto" NPROC="1" OUT_DIR="$REPO_ROOT/results/diffusion_profile" FIND_MAX=0 MAX_ONLY=0 MAX_LIMIT=""
-MAX_RES="" MAX_START="" PLOTS=1 DRY_RUN=0
+MAX_RES="" MAX_START="" USE_BRACKET=1 PLOTS=1 DRY_RUN=0
 
 need() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -102,6 +104,7 @@ while [[ $# -gt 0 ]]; do
         --max-batch-limit) need "$@"; MAX_LIMIT="$2"; shift 2 ;;
         --max-batch-resolution) need "$@"; MAX_RES="$2"; shift 2 ;;
         --max-batch-start) need "$@"; MAX_START="$2"; shift 2 ;;
+        --no-max-batch-bracket) USE_BRACKET=0; shift ;;
         --no-plots) PLOTS=0; shift ;;
         --dry-run) DRY_RUN=1; shift ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -208,6 +211,18 @@ record_path() {  # experiment precision batch|max
     local b="bs$3"; [[ "$3" == max ]] && b="bsmax"
     echo "$OUT_DIR/${1}__${MODEL_SLUG}__img${IMAGE_SIZE}__${b}__${2}__k${NOISE_K}__${FA_TAG}${W_TAG}.json"
 }
+grid_bracket() {  # experiment precision -> "OK,OOM" from this folder's grid records, or nothing
+    local ok=0 oom=0 f st b
+    local files=("$OUT_DIR/${1}__${MODEL_SLUG}__img${IMAGE_SIZE}__bs"[0-9]*"__${2}__k${NOISE_K}__${FA_TAG}${W_TAG}.json")
+    [[ -e "${files[0]}" ]] || return 0
+    while read -r f st; do
+        b="${f##*__bs}"; b="${b%%__*}"
+        [[ "$st" == ok && $b -gt $ok ]] && ok=$b
+        [[ "$st" == oom && ( $oom -eq 0 || $b -lt $oom ) ]] && oom=$b
+    done < <(paste -d' ' <(printf '%s\n' "${files[@]}") <("$PY" -m memory_test.profiling.records status "${files[@]}"))
+    [[ $ok -gt 0 && $oom -gt $ok ]] && echo "$ok,$oom"
+    return 0
+}
 record_status() { "$PY" -m memory_test.profiling.records status "$1" 2>/dev/null || echo invalid; }
 fmt_s() { local s=$1; printf '%d:%02d:%02d' $((s / 3600)) $((s % 3600 / 60)) $((s % 60)); }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
@@ -245,10 +260,16 @@ for item in "${PLAN[@]}"; do
         printf '[%d/%d] %-44s kept (%s, from an earlier run)\n' "$i" "$TOTAL" "$label" "$status"
         continue
     fi
+    bracket=""
+    if [[ "$bs" == max && $USE_BRACKET -eq 1 ]]; then
+        bracket="$(grid_bracket "$exp" "$prec")"
+        [[ -n "$bracket" ]] && label="$label ($bracket)"
+    fi
     if [[ $DRY_RUN -eq 1 ]]; then printf '[%d/%d] %-44s would run -> %s\n' "$i" "$TOTAL" "$label" "$out"; continue; fi
     args=(--experiment "$exp" --precision "$prec" --output "$out" "${COMMON[@]}")
     if [[ "$bs" == max ]]; then
         args+=("${MAXARGS[@]}" --batch-size 1)
+        [[ -n "$bracket" ]] && args+=(--max-batch-bracket "$bracket")
     else
         args+=(--batch-size "$bs")
         if [[ -n "${OOM_AT[$key]:-}" && $bs -gt ${OOM_AT[$key]} ]]; then

@@ -111,6 +111,13 @@ def build_parser(experiment_names: list[str]) -> argparse.ArgumentParser:
     s.add_argument("--max-batch-start", type=int, default=None, help="first probe (default: --batch-size)")
     s.add_argument("--max-batch-limit", type=int, default=None, help="stop there (default 65536 GPU, 64 CPU)")
     s.add_argument("--max-batch-resolution", type=int, default=1, help="stop bisecting at this gap")
+    s.add_argument(
+        "--max-batch-bracket",
+        default=None,
+        metavar="OK,OOM",
+        help="batches already measured under this configuration (one ran, one ran out of memory): skip the doubling "
+        "and bisect between them; recorded in the result",
+    )
     s.add_argument("--probe-num-iter", type=int, default=2)
     s.add_argument("--probe-warmup-iter", type=int, default=1)
     s.add_argument("--probe-timeout", type=float, default=900.0, help="seconds per probe")
@@ -184,6 +191,7 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         raise UsageError(f"--max-batch-start must be a positive integer, got {args.max_batch_start}")
     if args.max_batch_limit is not None and args.max_batch_limit <= 0:
         raise UsageError(f"--max-batch-limit must be a positive integer, got {args.max_batch_limit}")
+    args.max_batch_bracket = parse_bracket(args.max_batch_bracket)
     if not (args.noise_multiplier >= 0 and math.isfinite(args.noise_multiplier)):
         raise UsageError(f"--noise-multiplier must be a finite number >= 0, got {args.noise_multiplier}")
     if not (args.max_grad_norm > 0 and math.isfinite(args.max_grad_norm)):
@@ -568,12 +576,30 @@ def run_and_record(config: dict, device, dist=None) -> tuple[dict, int]:
 # ----- max batch search ---------------------------------------------------------------------------------------
 
 
-def search_max_batch(probe, start: int, limit: int, resolution: int = 1) -> tuple[int, int | None, bool]:
+def parse_bracket(text: str | None) -> tuple[int, int] | None:
+    """``"OK,OOM"`` -> (ok, oom) with 0 < ok < oom; UsageError otherwise."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--max-batch-bracket takes OK,OOM (two batch sizes), got {text!r}")
+    ok, oom = (int(p) for p in parts)
+    if not 0 < ok < oom:
+        raise UsageError(f"--max-batch-bracket needs 0 < OK < OOM, got {text!r}")
+    return ok, oom
+
+
+def search_max_batch(
+    probe, start: int, limit: int, resolution: int = 1, bracket: tuple[int, int] | None = None
+) -> tuple[int, int | None, bool]:
     """Largest batch for which ``probe(b)`` is "ok": double from ``start`` until a failure or ``limit``, then bisect.
 
-    ``probe`` returns "ok" or "oom" (raise to abort). Returns (max_ok (0 if none), smallest oom seen or None,
-    whether the limit was reached without an oom).
+    ``probe`` returns "ok" or "oom" (raise to abort). A known (ok, oom) ``bracket`` replaces the doubling. Returns
+    (max_ok (0 if none), smallest oom seen or None, whether the limit was reached without an oom).
     """
+    if bracket is not None:
+        ok, bad = bracket
+        return _bisect(probe, ok, bad, resolution)
     ok, bad = 0, None
     b = min(start, limit)
     while True:
@@ -585,6 +611,10 @@ def search_max_batch(probe, start: int, limit: int, resolution: int = 1) -> tupl
         else:
             bad = b
             break
+    return _bisect(probe, ok, bad, resolution)
+
+
+def _bisect(probe, ok: int, bad: int, resolution: int) -> tuple[int, int | None, bool]:
     while bad - ok > resolution:
         mid = (ok + bad) // 2
         if probe(mid) == "ok":
@@ -630,6 +660,11 @@ def find_max_batch(config: dict, device, args: argparse.Namespace) -> tuple[dict
         "probe_warmup_iter": args.probe_warmup_iter,
         "probe_timeout_s": args.probe_timeout,
     }
+    if args.max_batch_bracket is not None:
+        ok, oom = args.max_batch_bracket
+        search["method"] = "bisection between a batch known to run and one known to run out of memory"
+        search["bracket"] = {"ok_batch_size": ok, "oom_batch_size": oom, "source": "--max-batch-bracket"}
+        search["start"] = None  # no doubling
     if device.type != "cuda":
         search["note"] = "on CPU nothing raises out-of-memory: the search stops at the limit"
     out = Path(args.output)
@@ -679,7 +714,9 @@ def find_max_batch(config: dict, device, args: argparse.Namespace) -> tuple[dict
     result_cfg = dict(config, find_max_batch=search)
     rec = base_record(result_cfg, _env(device), record_type="max_batch")
     try:
-        max_ok, first_oom, limit_reached = search_max_batch(probe, start, limit, args.max_batch_resolution)
+        max_ok, first_oom, limit_reached = search_max_batch(
+            probe, start, limit, args.max_batch_resolution, bracket=args.max_batch_bracket
+        )
         if max_ok == 0:
             rec["status"], code = "oom", records.EXIT_OOM
             rec["message"] = f"even batch {first_oom} ran out of memory"
