@@ -162,6 +162,8 @@ BAD_INPUTS = {
     "unknown model": (["--model", "DiT-XXL/3"], "unknown DiT model"),
     "single-GPU DP mode on 2 processes": (["--experiment", "ghost", "--nproc-per-node", "2"], "not supported sharded"),
     "clip norm": (["--max-grad-norm", "0"], "--max-grad-norm must be"),
+    "bracket order": (["--find-max-batch", "--max-batch-bracket", "64,32"], "needs 0 < OK < OOM"),
+    "bracket form": (["--find-max-batch", "--max-batch-bracket", "32"], "takes OK,OOM"),
 }
 
 
@@ -245,6 +247,12 @@ def test_search_max_batch_doubles_then_bisects():
     calls.clear()
     assert se.search_max_batch(probe_for(2), start=8, limit=100) == (2, 3, False)  # start itself fails
     assert se.search_max_batch(probe_for(0), start=1, limit=100) == (0, 1, False)
+    calls.clear()  # a known bracket: no doubling, and neither end is probed again
+    assert se.search_max_batch(probe_for(37), start=1, limit=4096, bracket=(32, 64)) == (37, 38, False)
+    assert calls == [48, 40, 36, 38, 37]
+    calls.clear()
+    assert se.search_max_batch(probe_for(37), start=1, limit=4096, resolution=8, bracket=(32, 64)) == (32, 40, False)
+    assert calls == [48, 40]
 
 
 def test_find_max_batch_cli_probes_in_fresh_processes(cli):

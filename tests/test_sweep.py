@@ -77,6 +77,26 @@ def test_sweep_records_oom_skips_resumes_and_plots(tmp_path):
     assert statuses(out) == st
 
 
+def test_max_batch_search_bisects_between_the_grid_records(tmp_path):
+    out = tmp_path / "res"
+    env = {INJECT_OOM_ENV: "5"}
+    grid = ["--experiments", "vanilla", "--num-iter", "1", "--warmup-iter", "0", "--device", "cpu", "--no-plots"]
+    grid += ["--output-dir", str(out), "--batch-sizes", "2,8"]
+    assert sweep(grid, env).returncode == 0
+    r = sweep([*grid, "--max-batch-only"], env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "find-max-batch (2,8)" in r.stdout
+    rec, _ = records.load_record(out / "vanilla__DiT-tiny__img64__bsmax__fp32__k1__fa.json")
+    mb = rec["max_batch"]
+    assert (mb["max_batch_size"], mb["first_oom_batch_size"]) == (5, 6)
+    assert [p["batch_size"] for p in mb["probes"]] == [5, 6]  # 2 and 8 came from the grid, not probed again
+    assert rec["config"]["find_max_batch"]["bracket"] == {
+        "ok_batch_size": 2,
+        "oom_batch_size": 8,
+        "source": "--max-batch-bracket",
+    }
+
+
 def test_ctrl_c_leaves_no_partial_file_and_resume_completes(tmp_path):
     """Also the default sweep without a GPU: no --model/--device given, so it must say it runs DiT-tiny on CPU."""
     out = tmp_path / "res"

@@ -25,6 +25,9 @@ def plotted(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     for p in FIXTURES.glob("*.json"):
         shutil.copy(p, results / p.name)
+    (results / "plots").mkdir()
+    (results / "plots" / "max_batch__Old_GPU_setting.png").write_bytes(b"stale")  # from an earlier run: removed
+    (results / "plots" / "my_notes.png").write_bytes(b"user file")  # not a chart of the script: kept
     probe = "\n".join(
         [
             "import runpy, sys",
@@ -52,20 +55,23 @@ def test_charts_per_gpu_and_summary(plotted):
     names = sorted(p.name for p in plots.glob("*.png"))
     h200 = [n for n in names if "NVIDIA_H200" in n]
     a100 = [n for n in names if "A100" in n]
-    assert not set(h200) & set(a100) and len(h200) + len(a100) == len(names)  # never mixed in one chart
+    assert (
+        not set(h200) & set(a100) and len(h200) + len(a100) == len(names) - 1
+    )  # - my_notes.png  # never mixed in one chart
     for kind in ("breakdown", "peak_memory_vs_batch", "time_throughput_vs_batch", "memory_time_tradeoff"):
         assert any(n.startswith(kind + "__") for n in h200), kind
     assert any(n.startswith("ratio_to_vanilla__") for n in h200)
     assert any(n.startswith("max_batch__") for n in h200)
-    for p in plots.glob("*.png"):
+    assert "max_batch__Old_GPU_setting.png" not in names and (plots / "my_notes.png").read_bytes() == b"user file"
+    for p in plots.glob("*__*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     summary = (plots / "summary.md").read_text()
     assert "## DiT-XL/2 256px, fp32, flash attention on NVIDIA H200" in summary
     assert "on NVIDIA A100-SXM4-80GB" in summary
     assert "| bookkeeping | 32 | OOM |" in summary and "| bookkeeping | 64 | SKIPPED |" in summary
     assert "| ghost | 8 | ok | 15.00 |" in summary  # GiB, from the fixture's 15 GiB peak
-    assert "| ghost | 48 | search |" in summary  # max batch from the search record
-    assert "| vanilla | 32 | grid |" in summary  # lower bound from the grid
+    assert "| ghost | 48 | 49 | search |" in summary  # max batch and first OOM from the search record
+    assert "| vanilla | 32 |  | grid |" in summary  # lower bound from the grid, nothing ran out of memory
     assert "Skipped files" in summary and "corrupt_truncated.json" in summary and "foreign.json" in summary
     assert "corrupt_truncated.json" in proc.stderr and "warning" in proc.stderr
 
@@ -86,6 +92,7 @@ def test_ratios_to_vanilla_and_oom_rows():
     assert list(a100["experiment"]) == ["vanilla"] and a100["mem_x_vanilla"].iloc[0] == pytest.approx(1.0)
     table = viz.max_batch_table(runs[runs["device"] == "NVIDIA H200"], maxb)
     assert dict(zip(table["experiment"], table["max_batch"])) == {"bookkeeping": 8, "ghost": 48, "vanilla": 32}
+    assert table.set_index("experiment").loc["bookkeeping", "first_oom"] == 32  # the grid's OOM bounds it
 
 
 def test_empty_or_missing_folder(tmp_path):

@@ -154,12 +154,18 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec)
 
 
+CHART_KINDS = (
+    "breakdown", "peak_memory_vs_batch", "time_throughput_vs_batch", "memory_time_tradeoff", "ratio_to_vanilla",
+    "max_batch",
+)  # fmt: skip
+
+
 def markdown_table(df: pd.DataFrame) -> str:
     """A GitHub markdown table (no `tabulate` dependency)."""
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in df.iterrows():
-        cells = ["" if (isinstance(v, float) and pd.isna(v)) or v is None else str(v) for v in row]
+        cells = ["" if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)) else str(v) for v in row]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -304,23 +310,43 @@ def plot_tradeoff(df: pd.DataFrame, setting: dict, out: Path) -> Path:
 
 
 def max_batch_table(runs: pd.DataFrame, maxb: pd.DataFrame) -> pd.DataFrame:
-    """Per experiment: the searched max batch if a search record exists, else the largest ok batch of the grid."""
+    """Per experiment: the searched max batch if a search record exists, else the largest ok batch of the grid.
+
+    ``first_oom`` is the smallest batch seen to run out of memory (the search's, else the grid's): the true maximum
+    lies in [max_batch, first_oom).
+    """
     rows = {}
-    for _, r in runs[runs["status"] == "ok"].iterrows() if not runs.empty else []:
+    grid_oom: dict[str, int] = {}
+    for _, r in runs.iterrows() if not runs.empty else []:
+        if r["status"] == "oom":
+            grid_oom[r["experiment"]] = min(grid_oom.get(r["experiment"], r["batch_size"]), r["batch_size"])
+        if r["status"] != "ok":
+            continue
         cur = rows.get(r["experiment"])
         if cur is None or r["batch_size"] > cur["max_batch"]:
             rows[r["experiment"]] = {"experiment": r["experiment"], "max_batch": r["batch_size"], "source": "grid"}
+    for exp, row in rows.items():
+        row["first_oom"] = grid_oom.get(exp)
     for _, r in maxb.iterrows() if not maxb.empty else []:
+        first_oom = None if pd.isna(r.get("first_oom_batch_size")) else int(r["first_oom_batch_size"])
         if r["status"] == "ok" and not pd.isna(r.get("max_batch_size")):
             src = "search (limit reached)" if r.get("limit_reached") else "search"
             rows[r["experiment"]] = {
                 "experiment": r["experiment"],
                 "max_batch": int(r["max_batch_size"]),
+                "first_oom": first_oom,
                 "source": src,
             }
         elif r["status"] == "oom":
-            rows[r["experiment"]] = {"experiment": r["experiment"], "max_batch": 0, "source": "search: OOM at start"}
-    return pd.DataFrame(list(rows.values()), columns=["experiment", "max_batch", "source"])
+            rows[r["experiment"]] = {
+                "experiment": r["experiment"],
+                "max_batch": 0,
+                "first_oom": first_oom,
+                "source": "search: OOM at start",
+            }
+    table = pd.DataFrame(list(rows.values()), columns=["experiment", "max_batch", "first_oom", "source"])
+    table["first_oom"] = table["first_oom"].astype("Int64")  # integers with gaps, not floats
+    return table
 
 
 def plot_max_batch(table: pd.DataFrame, setting: dict, out: Path) -> Path | None:
@@ -332,10 +358,18 @@ def plot_max_batch(table: pd.DataFrame, setting: dict, out: Path) -> Path | None
     for x, (_, r) in enumerate(t.iterrows()):
         grid = r["source"] == "grid"
         ax.bar(x, r["max_batch"], color="#bbbbbb" if grid else "#4c72b0", hatch="//" if grid else None)
-        ax.text(x, r["max_batch"], f"{r['max_batch']}{'+' if grid else ''}", ha="center", va="bottom", fontsize=8)
+        label = f"{r['max_batch']}{'+' if grid else ''}"
+        if not pd.isna(r["first_oom"]):
+            label += f"\n(OOM {r['first_oom']})"
+        ax.text(x, r["max_batch"], label, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(exps)), exps, rotation=45, ha="right")
     ax.set_ylabel("max batch size")
-    ax.set_title("Largest batch that fits (hatched: largest ok batch of the grid, a lower bound)\n" + _title(setting))
+    ax.margins(y=0.15)
+    ax.set_title(
+        "Largest batch that fits; (OOM n): smallest batch that ran out of memory\n"
+        "hatched: no search, largest ok batch of the grid (a lower bound) | " + _title(setting),
+        fontsize=9,
+    )
     fig.tight_layout()
     return _save(fig, out)
 
@@ -423,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*__*.png"):  # charts of an earlier run that this one may not redraw
+        if old.name.split("__")[0] in CHART_KINDS:
+            old.unlink()
     skipped: list[str] = []
 
     def warn(msg: str) -> None:
@@ -458,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 if p is not None:
                     charts.append(p)
         mbt = max_batch_table(df, mb_df)
+        if mb_df.empty and mbt["first_oom"].isna().all():  # no search and nothing ran out: no limit to show
+            mbt = mbt.iloc[0:0]
         p = plot_max_batch(mbt, setting, out_dir / f"max_batch__{slug}.png")
         if p is not None:
             charts.append(p)
