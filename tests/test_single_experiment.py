@@ -278,3 +278,14 @@ def test_atomic_write_refuses_invalid_records_and_leaves_no_temp(tmp_path):
     assert records.record_status(tmp_path / "missing.json") == "missing"
     (tmp_path / "bad.json").write_text("{")
     assert records.record_status(tmp_path / "bad.json") == "invalid"
+
+
+def test_bracketed_search_whose_probes_all_run_out_of_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv(se.INJECT_OOM_ENV, "2")
+    out = tmp_path / "max.json"
+    args = ["--experiment", "vanilla", *TINY, "--find-max-batch", "--max-batch-bracket", "2,8", "--output", str(out)]
+    assert se.main([*args, "--batch-size", "1", "--probe-num-iter", "1", "--probe-warmup-iter", "0"]) == 0
+    rec = load(out)
+    assert [(p["batch_size"], p["status"]) for p in rec["max_batch"]["probes"]] == [(5, "oom"), (3, "oom")]
+    assert rec["max_batch"]["max_batch_size"] == 2 and rec["config"]["batch_size"] == 2
+    assert rec["config"]["rows_per_step"] == 2

@@ -738,6 +738,12 @@ def find_max_batch(config: dict, device, args: argparse.Namespace) -> tuple[dict
             rec[key] = best.get(key)
         if best.get("distributed") is not None:  # a probe over N > 1 processes
             rec["distributed"] = best["distributed"]
+    elif rec["status"] == "ok":  # every probe ran out of memory: the bracket's ok batch is the answer
+        b = rec["max_batch"]["max_batch_size"]
+        rec["config"]["batch_size"], rec["config"]["rows_per_step"] = b, b * config["noise_multiplicity"]
+        if "global_batch_size" in rec["config"]:
+            rec["config"]["global_batch_size"] = b * config.get("nproc_per_node", 1)
+        rec["privacy"] = privacy_block(rec["config"])
     rec["exit_code"] = code
     rec["duration_s"] = time.perf_counter() - t0
     return rec, code
