@@ -289,3 +289,13 @@ def test_bracketed_search_whose_probes_all_run_out_of_memory(tmp_path, monkeypat
     assert [(p["batch_size"], p["status"]) for p in rec["max_batch"]["probes"]] == [(5, "oom"), (3, "oom")]
     assert rec["max_batch"]["max_batch_size"] == 2 and rec["config"]["batch_size"] == 2
     assert rec["config"]["rows_per_step"] == 2
+
+
+def test_git_state_without_a_checkout_takes_the_sha_from_the_environment(tmp_path, monkeypatch):
+    from memory_test.profiling import environment
+
+    assert environment.git_state()["source"] == "git"
+    monkeypatch.setenv(environment.GIT_SHA_ENV, "abc1234")
+    assert environment.git_state(tmp_path) == {"sha": "abc1234", "dirty": None, "source": "env"}
+    monkeypatch.delenv(environment.GIT_SHA_ENV)
+    assert environment.git_state(tmp_path) == {"sha": None, "dirty": None, "source": None}

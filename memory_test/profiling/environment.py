@@ -31,12 +31,22 @@ def _git(repo: Path, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+GIT_SHA_ENV = "MEMORY_TEST_GIT_SHA"  # for a copy of the tree without .git (a GPU box): the commit it was copied from
+
+
 def git_state(repo: Path | None = None) -> dict:
-    """Commit sha and whether tracked files differ from it (untracked files are ignored)."""
+    """Commit sha and whether tracked files differ from it (untracked files are ignored).
+
+    Without a git checkout, ``MEMORY_TEST_GIT_SHA`` (set by whoever copied the tree) is recorded with
+    ``source: "env"`` and ``dirty`` unknown (null); otherwise both are null.
+    """
     repo = repo or Path(__file__).resolve().parents[2]
     sha = _git(repo, "rev-parse", "HEAD")
+    if sha is None:
+        given = os.environ.get(GIT_SHA_ENV, "").strip()
+        return {"sha": given or None, "dirty": None, "source": "env" if given else None}
     status = _git(repo, "status", "--porcelain", "--untracked-files=no")
-    return {"sha": sha, "dirty": None if status is None else bool(status)}
+    return {"sha": sha, "dirty": None if status is None else bool(status), "source": "git"}
 
 
 def _nvml_driver() -> dict:
