@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from memory_test.diffusion_profile import visualize_memory_breakdown as viz
@@ -100,3 +101,28 @@ def test_empty_or_missing_folder(tmp_path):
     (tmp_path / "junk.json").write_text(json.dumps([1, 2]))
     assert viz.main(["--results-dir", str(tmp_path)]) == 0
     assert "No valid records" in (tmp_path / "plots" / "summary.md").read_text()
+
+
+def test_noise_multiplicity_groups_table_and_chart(tmp_path):
+    from memory_test.diffusion_profile import plot_noise_multiplicity as nm
+
+    setting = dict(device="GPU", model="DiT-XL/2", image_size=256, precision="fp32", attention="flash", batch_size=8)
+    rows = [
+        dict(setting, experiment=e, noise_multiplicity=k, status="ok", median_ms=ms, total_bytes=gib * 2**30)
+        for e, k, ms, gib in [
+            ("vanilla", 1, 100.0, 10),
+            ("vanilla", 4, 300.0, 30),
+            ("ghost", 1, 200.0, 11),
+            ("ghost", 4, 450.0, 31),
+            ("opacus_ghost", 1, 400.0, 12),  # one K only: not part of the K chart
+        ]
+    ] + [dict(setting, experiment="ghost", noise_multiplicity=16, status="oom", median_ms=None, total_bytes=None)]
+    runs = viz.add_vanilla_ratios(pd.DataFrame(rows).assign(batch_size=8))
+    groups = nm.k_groups(runs)
+    assert len(groups) == 1 and set(groups[0][1]["experiment"]) == {"vanilla", "ghost"}
+    table = nm.k_table(groups[0][1]).set_index(["experiment", "noise_multiplicity"])
+    assert table.loc[("ghost", 4), "x_own_k1"] == pytest.approx(2.25)
+    assert table.loc[("ghost", 4), "time_x_vanilla"] == pytest.approx(1.5)
+    chart = nm.plot_k(groups[0][1], groups[0][0], tmp_path / "k.png", {})
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert "| ghost | 4 | 450.0 | 1.5 | 2.25 |" in nm.k_section(groups[0][1], groups[0][0], chart, viz.markdown_table)

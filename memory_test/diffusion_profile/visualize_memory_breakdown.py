@@ -5,9 +5,10 @@
 
 Writes into ``<results-dir>/plots`` (or ``--out-dir``), one set per setting (device, model, image size, precision,
 noise multiplicity, attention): memory breakdown bars with the peak marked, peak memory vs batch size, step time and
-throughput vs batch size, the memory-time trade-off, max batch per mode, each DP mode's ratio to vanilla; plus
-``summary.md``. Records measured on different devices never share a chart. OOM records are drawn as OOM; corrupt
-or foreign JSON files are skipped with a warning.
+throughput vs batch size, the memory-time trade-off, max batch per mode, each DP mode's ratio to vanilla; the cost
+of noise multiplicity K where records cover several K at one batch size; plus ``summary.md``. Records measured on
+different devices never share a chart. OOM records are drawn as OOM; corrupt or foreign JSON files are skipped with a
+warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from memory_test.diffusion_profile import plot_noise_multiplicity as nm  # noqa: E402
 from memory_test.profiling.records import device_label, load_records  # noqa: E402
 
 PARTS = ("weights", "gradients", "optimizer_state", "dp_state", "activations_and_other")
@@ -156,7 +158,7 @@ def _fmt(v, spec: str) -> str:
 
 CHART_KINDS = (
     "breakdown", "peak_memory_vs_batch", "time_throughput_vs_batch", "memory_time_tradeoff", "ratio_to_vanilla",
-    "max_batch",
+    "max_batch", "noise_multiplicity",
 )  # fmt: skip
 
 
@@ -502,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             charts.append(p)
         written += charts
         sections.append(summary_section(df, mbt, setting, charts))
+    for group, df in nm.k_groups(runs):
+        slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", "__".join(str(group[k]) for k in nm.GROUP_KEYS)).strip("_")
+        chart = nm.plot_k(df, group, out_dir / f"noise_multiplicity__{slug}.png", _colors(_experiment_order(df)))
+        written.append(chart)
+        sections.append(nm.k_section(df, group, chart, markdown_table))
 
     head = [
         "# DiT DP-SGD profiling summary",
