@@ -33,7 +33,9 @@ class _Tap(torch.autograd.Function):
         if not ctx.gsm._recording_backward:
             return grad, None, None, None, None
         ctx.gsm._on_grad_output(ctx.state, ctx.use, grad)
-        return grad, torch.zeros(()), None, None, None
+        # No gradient for the anchor: the taps only need to lie on a path to it, and 286 zero scalars would cost
+        # an allocation and an accumulation each.
+        return grad, None, None, None, None
 
 
 # Layers whose matmul autocast runs in lower precision: their input is cast before the layer (see _cast_input).
@@ -217,7 +219,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
             self._done(state)
 
     def _add_norm(self, state, sq, path):
-        self._sq_norm += sq.to(self._sq_norm.dtype)
+        self._sq_norm.add_(sq)  # in place, no attribute write: nn.Module.__setattr__ is slow; add_ upcasts sq
         self.norm_paths[state.name] = path
 
     def _done(self, state):
