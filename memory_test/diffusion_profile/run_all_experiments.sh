@@ -144,12 +144,12 @@ import sys
 from memory_test.diffusion_profile import distributed_launch as dl
 from memory_test.diffusion_profile.dit_models import build_dit_config
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, resolve_experiment, single_device_experiments
-from memory_test.diffusion_profile.single_experiment import UsageError, _model_name
+from memory_test.diffusion_profile.run_config import UsageError, model_for_run
 import torch
 model, patch, img, exps = sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]) or None, sys.argv[4]
 nproc, on_gpu = int(sys.argv[6]), sys.argv[7] == "1"
 try:
-    name, _ = _model_name(model, patch, torch.device("cpu"))
+    name, _ = model_for_run(model, patch, torch.device("cpu"))
     cfg = build_dit_config(name, img)
     if exps:
         names = [resolve_experiment(e.strip()).name for e in exps.split(",") if e.strip()]
