@@ -1,0 +1,165 @@
+"""Records -> pandas tables for the visualizer: one row per run or search, ratios to vanilla, max batch, markdown.
+
+Never imports torch (the visualizer must run where only pandas and matplotlib are installed).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from memory_test.profiling.records import device_label
+
+PARTS = (
+    "weights",
+    "gradients",
+    "optimizer_state",
+    "dp_state",
+    "activations_and_other",
+)  # memory breakdown parts, bottom to top
+SETTING_KEYS = ("device", "model", "image_size", "precision", "noise_multiplicity", "attention")
+
+
+# ----- records -> tables --------------------------------------------------------------------------------------
+
+
+def _get(d, *path, default=None):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def run_device(r: dict) -> str:
+    """Hardware label, plus " x<N> FSDP2" for a run over N processes (never mixed with single-GPU runs)."""
+    world = (r.get("config") or {}).get("world_size") or 1
+    return device_label(r) + (f" x{world} FSDP2" if world > 1 else "")
+
+
+def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, max_batch) tables, one row per record; the latest record wins for a repeated configuration."""
+    runs, maxb = [], []
+    for r in recs:
+        cfg = r["config"]
+        row = {
+            "device": run_device(r),
+            "model": cfg.get("model"),
+            "image_size": cfg.get("image_size"),
+            "precision": cfg.get("precision"),
+            "noise_multiplicity": cfg.get("noise_multiplicity", 1),
+            "attention": "flash" if cfg.get("use_flash_attention", True) else "no-flash",
+            "experiment": r["experiment"],
+            "private": cfg.get("private", r["experiment"] != "vanilla"),
+            "batch_size": cfg.get("batch_size"),
+            "status": r["status"],
+            "message": r.get("message"),
+            "utc_time": _get(r, "env", "utc_time", default=""),
+            "path": r.get("_path"),
+        }
+        if r["record_type"] == "max_batch":
+            row["max_batch_size"] = _get(r, "max_batch", "max_batch_size")
+            row["first_oom_batch_size"] = _get(r, "max_batch", "first_oom_batch_size")
+            row["limit_reached"] = _get(r, "max_batch", "limit_reached")
+            maxb.append(row)
+            continue
+        mem, timing = r.get("memory") or {}, r.get("timing") or {}
+        parts = _get(mem, "breakdown", "parts_bytes", default={}) or {}
+        row.update(
+            total_bytes=mem.get("total_bytes"),
+            peak_allocated_bytes=mem.get("peak_allocated_bytes"),
+            peak_reserved_bytes=mem.get("peak_reserved_bytes"),
+            sampled_peak_bytes=mem.get("sampled_peak_bytes"),
+            median_ms=timing.get("median_ms"),
+            p20_ms=timing.get("p20_ms"),
+            p80_ms=timing.get("p80_ms"),
+            samples_per_s=timing.get("samples_per_s"),
+            attention_backend=_get(r, "backends", "attention"),
+            kernel_backend=_get(r, "backends", "kernel_backend"),
+            epsilon=_get(r, "privacy", "epsilon"),
+        )
+        for p in PARTS:
+            row[p] = parts.get(p)
+        runs.append(row)
+    cols = [*SETTING_KEYS, "experiment", "batch_size"]
+    out = []
+    for rows in (runs, maxb):
+        df = pd.DataFrame(rows)
+        if not df.empty:
+            df = df.sort_values("utc_time").drop_duplicates(subset=cols, keep="last")
+            df = df.sort_values([*SETTING_KEYS, "experiment", "batch_size"], kind="stable").reset_index(drop=True)
+        out.append(df)
+    runs_df, max_df = out
+    if not max_df.empty:  # one search per experiment and setting (its batch_size column is the result)
+        max_df = max_df.sort_values("utc_time").drop_duplicates(subset=[*SETTING_KEYS, "experiment"], keep="last")
+    return runs_df, max_df
+
+
+def add_vanilla_ratios(runs: pd.DataFrame) -> pd.DataFrame:
+    """Columns mem_x_vanilla and time_x_vanilla: this run divided by vanilla at the same setting and batch size."""
+    if runs.empty:
+        return runs
+    ok = runs[(runs["status"] == "ok") & (runs["experiment"] == "vanilla")]
+    ref = ok.set_index([*SETTING_KEYS, "batch_size"])[["total_bytes", "median_ms"]]
+    ref = ref.rename(columns={"total_bytes": "_v_mem", "median_ms": "_v_ms"})
+    runs = runs.join(ref, on=[*SETTING_KEYS, "batch_size"])
+    good = runs["status"] == "ok"
+    runs["mem_x_vanilla"] = (runs["total_bytes"] / runs["_v_mem"]).where(good)
+    runs["time_x_vanilla"] = (runs["median_ms"] / runs["_v_ms"]).where(good)
+    return runs.drop(columns=["_v_mem", "_v_ms"])
+
+
+def max_batch_table(runs: pd.DataFrame, maxb: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment: the searched max batch if a search record exists, else the largest ok batch of the grid.
+
+    ``first_oom`` is the smallest batch seen to run out of memory (the search's, else the grid's): the true maximum
+    lies in [max_batch, first_oom).
+    """
+    rows = {}
+    grid_oom: dict[str, int] = {}
+    for _, r in runs.iterrows() if not runs.empty else []:
+        if r["status"] == "oom":
+            grid_oom[r["experiment"]] = min(grid_oom.get(r["experiment"], r["batch_size"]), r["batch_size"])
+        if r["status"] != "ok":
+            continue
+        cur = rows.get(r["experiment"])
+        if cur is None or r["batch_size"] > cur["max_batch"]:
+            rows[r["experiment"]] = {"experiment": r["experiment"], "max_batch": r["batch_size"], "source": "grid"}
+    for exp, row in rows.items():
+        row["first_oom"] = grid_oom.get(exp)
+    for _, r in maxb.iterrows() if not maxb.empty else []:
+        first_oom = None if pd.isna(r.get("first_oom_batch_size")) else int(r["first_oom_batch_size"])
+        if r["status"] == "ok" and not pd.isna(r.get("max_batch_size")):
+            src = "search (limit reached)" if r.get("limit_reached") else "search"
+            rows[r["experiment"]] = {
+                "experiment": r["experiment"],
+                "max_batch": int(r["max_batch_size"]),
+                "first_oom": first_oom,
+                "source": src,
+            }
+        elif r["status"] == "oom":
+            rows[r["experiment"]] = {
+                "experiment": r["experiment"],
+                "max_batch": 0,
+                "first_oom": first_oom,
+                "source": "search: OOM at start",
+            }
+    table = pd.DataFrame(list(rows.values()), columns=["experiment", "max_batch", "first_oom", "source"])
+    table["first_oom"] = table["first_oom"].astype("Int64")  # integers with gaps, not floats
+    return table
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (no `tabulate` dependency)."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        cells = ["" if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)) else str(v) for v in row]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _select(frame: pd.DataFrame, setting: dict) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    keys = list(SETTING_KEYS)
+    return frame[(frame[keys] == pd.Series({k: setting[k] for k in keys})).all(axis=1)]
