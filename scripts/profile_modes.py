@@ -3,7 +3,9 @@
     python scripts/profile_modes.py --batch-size 128 --precision fp32 --modes vanilla,flash_clip_bk --out-dir $OUT
 
 For each mode, in one process (a same-run comparison): 3 warm-up steps, 6 timed steps (median, CUDA events around
-forward / backward / optimizer), one step under torch.profiler whose CUDA kernels are summed by category.
+forward / backward / optimizer; `host_issue`: host time until the step's work is issued, which approaches the step
+time when the step is bound by Python and launches, as at small batches), one step under torch.profiler whose CUDA
+kernels are summed by category.
 """
 
 from __future__ import annotations
@@ -89,10 +91,13 @@ def run_mode(name, args, device, x0, labels):
     torch.cuda.reset_peak_memory_stats()
     if hasattr(net, "reset_dp_cache_peak"):
         net.reset_dp_cache_peak()
-    phases = {"forward": [], "backward": [], "optimizer": [], "step": []}
+    phases = {"forward": [], "backward": [], "optimizer": [], "step": [], "host_issue": []}
     for _ in range(6):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        t0 = time.perf_counter()
         step(ev)
+        # Host time to issue the step's work; close to the GPU step time means the step is host-bound.
+        phases["host_issue"].append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
         phases["forward"].append(ev[0].elapsed_time(ev[1]))
         phases["backward"].append(ev[1].elapsed_time(ev[2]))
