@@ -133,28 +133,29 @@ class LinearLikeRule:
 
     def clipped_grads(self, module, uses, n, coef) -> dict:
         weight, bias = self.weight_and_bias(module)
+        w_on, b_on = _trainable(weight), _trainable(bias)
         clip = as_coefficients(coef)
-        grads = {}
+        gw = gb = None
         for use in uses:
             A, G = self.rows(module, use, n)
-            G2 = G.reshape(-1, G.shape[-1])
-            if _trainable(weight):
+            d, p = A.shape[-1], G.shape[-1]
+            if w_on:
                 # Σ_i c_i G_iᵀA_i: the coefficients scale the rows of whichever operand is smaller (a temporary
                 # of min(d, p) columns), and the GEMM replaces the weight-gradient GEMM the backward skipped.
-                dtype = _matmul_dtype(A, G)
-                if A.shape[-1] <= G.shape[-1]:
-                    lhs, rhs = G, clip.scale(A)
-                else:
-                    lhs, rhs = clip.scale(G), A
-                gw = lhs.reshape(-1, G.shape[-1]).to(dtype).t() @ rhs.reshape(-1, A.shape[-1]).to(dtype)
-                _accumulate(grads, weight, gw)
-            if _trainable(bias):  # Σ_rows c_row G_row: one GEMV
-                _accumulate(grads, bias, clip.per_row(G.shape[1], G2) @ G2)
-        return {p: g.reshape(p.shape).to(p.dtype) for p, g in grads.items()}
-
-
-def _accumulate(grads: dict, param: torch.Tensor, g: torch.Tensor) -> None:
-    grads[param] = grads[param] + g if param in grads else g
+                dtype = A.dtype if A.dtype == G.dtype else _matmul_dtype(A, G)
+                lhs, rhs = (G, clip.scale(A)) if d <= p else (clip.scale(G), A)
+                g = lhs.reshape(-1, p).to(dtype).t() @ rhs.reshape(-1, d).to(dtype)
+                gw = g if gw is None else gw + g
+            if b_on:  # Σ_rows c_row G_row: one GEMV
+                G2 = G.reshape(-1, p)
+                g = clip.per_row(G.shape[1], G2) @ G2
+                gb = g if gb is None else gb + g
+        grads = {}
+        if gw is not None:
+            grads[weight] = gw.reshape(weight.shape).to(weight.dtype)
+        if gb is not None:
+            grads[bias] = gb.to(bias.dtype)
+        return grads
 
 
 class Conv2dRule(LinearLikeRule):
