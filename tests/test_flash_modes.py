@@ -59,3 +59,20 @@ def test_flash_modes_under_the_triton_interpreter():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="plain torch: runs in the parent")
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_reference_norms_chunked_equal_one_chunk(monkeypatch, path):
+    """The torch reference's chunked loop (large batches) and its one-chunk fast path give the same norms."""
+    from memory_test.kernels import flash_norms_reference as ref
+
+    torch.manual_seed(0)
+    A, G = torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 7, 3, dtype=torch.float64)
+    whole = ref.linear_sq_norms_reference(A, G, with_bias=True, path=path)
+    monkeypatch.setattr(ref, "_CHUNK_BYTES", 1)  # one sample per chunk
+    chunked = ref.linear_sq_norms_reference(A, G, with_bias=True, path=path)
+    want_w, want_b = ref.per_sample_gradient_sq_norms(A, G)
+    for got in (whole, chunked):
+        torch.testing.assert_close(got[0], want_w)
+        torch.testing.assert_close(got[1], want_b)

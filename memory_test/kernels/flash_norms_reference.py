@@ -45,8 +45,6 @@ def linear_sq_norms_reference(
     B, T, d = A.shape
     p = G.shape[-1]
     size = torch.finfo(dtype).bits // 8
-    w = torch.empty(B, dtype=dtype, device=A.device)
-    b = torch.empty(B, dtype=dtype, device=A.device) if with_bias else None
     if path == "gram":
         per_sample = (2 * T * T + T * (d + p)) * size
     elif path == "direct":
@@ -58,17 +56,26 @@ def linear_sq_norms_reference(
     else:
         raise ValueError(f"unknown path {path!r}; expected 'gram', 'direct' or 'outer'")
     step = _chunk(B, per_sample)
+    if step >= B:  # one chunk (always for the outer path): no preallocated outputs, no slice writes
+        return _sq_norms(A.to(dtype), G.to(dtype), path, with_bias)
+    w = torch.empty(B, dtype=dtype, device=A.device)
+    b = torch.empty(B, dtype=dtype, device=A.device) if with_bias else None
     for lo in range(0, B, step):
-        a, g = A[lo : lo + step].to(dtype), G[lo : lo + step].to(dtype)
-        if path == "gram":
-            w[lo : lo + step] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
-        elif path == "direct":
-            w[lo : lo + step] = torch.bmm(a.transpose(1, 2), g).square().sum(dim=(1, 2))
-        else:
-            w[lo : lo + step] = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+        w[lo : lo + step], b_part = _sq_norms(A[lo : lo + step].to(dtype), G[lo : lo + step].to(dtype), path, with_bias)
         if with_bias:
-            b[lo : lo + step] = g.sum(dim=1).square().sum(dim=1)
+            b[lo : lo + step] = b_part
     return w, b
+
+
+def _sq_norms(a: torch.Tensor, g: torch.Tensor, path: str, with_bias: bool):
+    """The weight (and bias) squared norms of one chunk of samples, by the formula of ``path``."""
+    if path == "gram":
+        w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+    elif path == "direct":
+        w = torch.bmm(a.transpose(1, 2), g).square().sum(dim=(1, 2))
+    else:
+        w = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+    return w, (g.sum(dim=1).square().sum(dim=1) if with_bias else None)
 
 
 def per_sample_gradient_sq_norms(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
