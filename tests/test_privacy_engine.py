@@ -186,6 +186,27 @@ def test_noise_generator_makes_noise_reproducible_and_epsilon_is_reported():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_noise_chunks_draw_the_same_stream_as_one_normal_per_chunk(monkeypatch):
+    """Noise in several chunks (cached plan, reused across steps): each chunk is one normal_ draw, in order."""
+    from memory_test.privacy import optimizer as fused
+
+    monkeypatch.setattr(fused, "NOISE_CHUNK_NUMEL", 25)  # chunks: [w1 (20), b1 (4)], [w2 (8), b2 (2)]
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2))
+    dp_model, opt, crit, _ = _make_private(
+        model, n=2, noise_multiplier=1.0, max_grad_norm=0.5, noise_generator=torch.Generator().manual_seed(7)
+    )
+    replay = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        crit(dp_model(torch.zeros(2, 5)), torch.zeros(2, 2)).backward()
+        clipped = [p.grad.clone() for p in model.parameters()]
+        opt.pre_step()
+        noise = [torch.empty(n).normal_(0.0, 0.5, generator=replay) for n in (24, 10)]
+        want = torch.cat(noise)
+        got = torch.cat([(p.grad * 2 - c).flatten() for p, c in zip(model.parameters(), clipped)])  # mean over n=2
+        torch.testing.assert_close(got, want)
+        opt.zero_grad(set_to_none=True)
+
+
 def test_sharded_mode_in_one_process_is_a_clear_error():
     sharded = [name for name, m in MODES.items() if m.distributed]
     if not sharded:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -30,20 +32,28 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
         if self.secure_mode:
             return super().add_noise()
         params = self.params
-        for p in params:
-            _check_processed_flag(p.summed_grad)
+        grads = [p.summed_grad for p in params]
+        for g in grads:
+            _check_processed_flag(g)
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
         if std > 0:
-            for chunk in _chunks(params):
-                ref = chunk[0].summed_grad
-                numels = [p.summed_grad.numel() for p in chunk]
+            for lo, hi, numels in self._noise_chunks(params):
+                ref = grads[lo]
                 flat = torch.empty(sum(numels), device=ref.device, dtype=ref.dtype)
                 flat.normal_(0.0, std, generator=self.generator)
-                torch._foreach_add_([p.summed_grad.view(-1) for p in chunk], list(flat.split(numels)))
+                torch._foreach_add_([g.view(-1) for g in grads[lo:hi]], list(flat.split(numels)))
                 del flat
-        for p in params:
-            p.grad = p.summed_grad.view_as(p)
-            _mark_as_processed(p.summed_grad)
+        for p, g in zip(params, grads):
+            p.grad = g  # summed_grad has p's shape, dtype and device (it was p.grad)
+            _mark_as_processed(g)
+
+    def _noise_chunks(self, params: list) -> list:
+        """(start, end, numels) of each noise chunk, computed once per parameter list (the .grad setter keeps
+        every gradient in its parameter's dtype and device, so parameters decide the chunks)."""
+        plan = getattr(self, "_noise_plan", None)
+        if plan is None or len(plan[0]) != len(params) or not all(map(operator.is_, plan[0], params)):
+            plan = self._noise_plan = (list(params), list(_chunks(params)))
+        return plan[1]
 
     def scale_grad(self):
         if self.loss_reduction == "mean":
@@ -52,18 +62,15 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
 
 
 def _chunks(params):
-    """Consecutive parameters of one device and dtype, up to NOISE_CHUNK_NUMEL elements per chunk."""
-    chunk, size = [], 0
-    for p in params:
-        g = p.summed_grad
-        if chunk and (
-            size + g.numel() > NOISE_CHUNK_NUMEL
-            or g.device != chunk[0].summed_grad.device
-            or g.dtype != chunk[0].summed_grad.dtype
+    """(start, end, numels): consecutive parameters of one device and dtype, up to NOISE_CHUNK_NUMEL elements."""
+    lo, numels, size = 0, [], 0
+    for i, p in enumerate(params):
+        if numels and (
+            size + p.numel() > NOISE_CHUNK_NUMEL or p.device != params[lo].device or p.dtype != params[lo].dtype
         ):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(p)
-        size += g.numel()
-    if chunk:
-        yield chunk
+            yield lo, i, numels
+            lo, numels, size = i, [], 0
+        numels.append(p.numel())
+        size += p.numel()
+    if numels:
+        yield lo, len(params), numels
