@@ -51,9 +51,11 @@ class _LayerState:
         self.pending = 0  # uses whose output gradient has not arrived yet
         self.done = False
         self.group = None  # InputGroup when this Linear shares its input with others (q, k, v)
+        self.groupable = type(rule) is LinearLikeRule
+        self._own_params = list(module.parameters(recurse=False))  # looked up once, not per step
 
     def params(self):
-        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+        return [p for p in self._own_params if p.requires_grad]
 
 
 class DPGradSampleModule(AbstractGradSampleModule):
@@ -131,10 +133,10 @@ class DPGradSampleModule(AbstractGradSampleModule):
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{state.name}: DP taps need a tensor output, got {type(output).__name__}")
             use = Use(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
+            use.held = self._cache.hold(use.tensors())
             state.uses.append(use)
             state.pending += 1
-            self._cache.hold(use.tensors())
-            if type(state.rule) is LinearLikeRule and state.group is None:
+            if state.groupable and state.group is None:
                 state.group = self._cache.group_for(inputs[0], state)
             return _Tap.apply(output, self._anchor, self, state, use)
 
@@ -186,7 +188,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
         use.grad_output = grad
-        self._cache.hold((grad,))
+        use.held += self._cache.hold((grad,))
         state.pending -= 1
         if state.pending == 0:
             self._finish_layer(state)
@@ -229,7 +231,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def _release(self, state: _LayerState):
         for use in state.uses:
-            self._cache.drop(use.tensors())
+            self._cache.drop(use.held)
             use.release()  # the tap nodes of a retained graph still reference the Use: drop its tensors now
         state.uses = []
         state.pending = 0

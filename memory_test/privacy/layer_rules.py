@@ -10,7 +10,7 @@ first views them as ``(n, K * ..., features)`` so that one sample's rows form on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -19,15 +19,16 @@ from opacus.grad_sample import GradSampleModule
 from torch.distributed.fsdp import FSDPModule
 
 
-@dataclass
+@dataclass(slots=True)
 class Use:
     """One forward call of a trainable module: its detached inputs and, after backward, its output gradient."""
 
     inputs: tuple
     grad_output: torch.Tensor | None = None
+    held: list = field(default_factory=list)  # StepCache keys of the storages this use references
 
     def release(self) -> None:
-        self.inputs, self.grad_output = (), None
+        self.inputs, self.grad_output, self.held = (), None, []
 
     def tensors(self) -> list[torch.Tensor]:
         held = [t for t in self.inputs if isinstance(t, torch.Tensor)]

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections import Counter
 
 import torch
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 class InputGroup:
@@ -27,7 +22,7 @@ class StepCache:
     def __init__(self):
         self._casts: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         self._groups: dict[int, InputGroup] = {}
-        self._storage_refs: Counter = Counter()
+        self._held: dict[int, list[int]] = {}  # storage key -> [references, bytes]
         self.bytes = 0
         self.peak_bytes = 0
 
@@ -49,22 +44,34 @@ class StepCache:
         group.members.append(state)
         return group
 
-    def hold(self, tensors) -> None:
-        """Count the storage of tensors the engine now references (each storage once, however many views)."""
-        for t in tensors:
-            key = _storage_key(t)
-            if self._storage_refs[key] == 0:
-                self.bytes += t.untyped_storage().nbytes()
-            self._storage_refs[key] += 1
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
+    def hold(self, tensors) -> list[int]:
+        """Count the storage of tensors the engine now references (each storage once, however many views).
 
-    def drop(self, tensors) -> None:
+        Returns the storage keys that ``drop`` takes back, so that a release need not look the storages up again.
+        """
+        held, keys = self._held, []
         for t in tensors:
-            key = _storage_key(t)
-            self._storage_refs[key] -= 1
-            if self._storage_refs[key] == 0:
-                del self._storage_refs[key]
-                self.bytes -= t.untyped_storage().nbytes()
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            entry = held.get(key)
+            if entry is None:
+                entry = held[key] = [0, storage.nbytes()]
+                self.bytes += entry[1]
+            entry[0] += 1
+            keys.append(key)
+        if self.bytes > self.peak_bytes:
+            self.peak_bytes = self.bytes
+        return keys
+
+    def drop(self, keys) -> None:
+        """Release storage keys returned by ``hold``."""
+        held = self._held
+        for key in keys:
+            entry = held[key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del held[key]
+                self.bytes -= entry[1]
 
     def reset(self) -> None:
         self._casts.clear()
