@@ -73,8 +73,9 @@ def _sq_norms(a: torch.Tensor, g: torch.Tensor, path: str, with_bias: bool):
         w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
     elif path == "direct":
         w = torch.bmm(a.transpose(1, 2), g).square().sum(dim=(1, 2))
-    else:
-        w = a.square().sum(dim=(1, 2)) * g.square().sum(dim=(1, 2))
+    else:  # outer: one row per sample, so the bias gradient is that row of g
+        g_sq = g.square().sum(dim=(1, 2))
+        return a.square().sum(dim=(1, 2)) * g_sq, (g_sq if with_bias else None)
     return w, (g.sum(dim=1).square().sum(dim=1) if with_bias else None)
 
 

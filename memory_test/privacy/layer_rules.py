@@ -193,8 +193,11 @@ class EmbeddingRule:
 
     def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
         pairs = [self._rows(module, u, n) for u in uses]
-        idx = torch.cat([i for i, _ in pairs], dim=1)
-        G = torch.cat([g for _, g in pairs], dim=1).to(backend.accumulate_dtype(uses[0].grad_output))
+        if len(pairs) == 1:
+            idx, G = pairs[0]
+        else:
+            idx, G = torch.cat([i for i, _ in pairs], dim=1), torch.cat([g for _, g in pairs], dim=1)
+        G = G.to(backend.accumulate_dtype(uses[0].grad_output))
         same_row = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(G.dtype)
         return (torch.bmm(G, G.transpose(1, 2)) * same_row).sum(dim=(1, 2)), "embedding"
 

@@ -27,9 +27,9 @@ class GhostNorms:
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         dtype = accumulate_dtype(G)
         A, G = A.to(dtype), G.to(dtype)
-        if A.shape[1] == 1:  # one row per sample: the gradient is an outer product
-            w_sq = A.square().sum(dim=(1, 2)) * G.square().sum(dim=(1, 2))
-            return w_sq, (G.square().sum(dim=(1, 2)) if with_bias else None), "outer"
+        if A.shape[1] == 1:  # one row per sample: the gradient is an outer product, the bias gradient G itself
+            g_sq = G.square().sum(dim=(1, 2))
+            return A.square().sum(dim=(1, 2)) * g_sq, (g_sq if with_bias else None), "outer"
         ggT = torch.bmm(G, G.transpose(1, 2))
         w_sq = (torch.bmm(A, A.transpose(1, 2)) * ggT).sum(dim=(1, 2))
         # ||Σ_t g_t||² is the sum of every entry of G Gᵀ, already in memory.
