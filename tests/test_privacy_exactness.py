@@ -81,3 +81,17 @@ def test_unclipped_equals_plain_gradient(tiny_model, mode):
     want = torch.autograd.grad(loss, list(model.parameters()))
     got = _dp_update(tiny_model, batch, 1, 1e12, mode, "mean")
     assert rel_err(got, want) <= 1e-9
+
+
+@pytest.mark.parametrize("stack_bytes", [1, 12288, 1 << 30])  # none, runs of <= 3 layers, all
+def test_bookkeeping_stacked_clipping_matches_reference(tiny_model, monkeypatch, stack_bytes):
+    """Same-shape Linears clipped together (several runs, one run, or none) give the reference update."""
+    from memory_test.privacy import grad_sample_module
+
+    monkeypatch.setattr(grad_sample_module, "STACK_BYTES", stack_bytes)
+    batch = make_batch(N, k=2)
+    _, norms = reference_update(tiny_model, batch, N, 2, 1e9, "mean")
+    max_grad_norm = norms.median().item()
+    want, _ = reference_update(tiny_model, batch, N, 2, max_grad_norm, "mean")
+    got = _dp_update(tiny_model, batch, 2, max_grad_norm, "bookkeeping", "mean")
+    assert rel_err(got, want) <= 1e-6

@@ -16,7 +16,7 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
 from .errors import SharedParameterError, UnsupportedLayerError
-from .layer_rules import ClipCoefficients, LinearLikeRule, Use, rule_for
+from .layer_rules import LINEAR_RULE, ClipCoefficients, LinearLikeRule, Use, rule_for
 from .step_cache import StepCache
 
 
@@ -37,6 +37,9 @@ class _Tap(torch.autograd.Function):
         # an allocation and an accumulation each.
         return grad, None, None, None, None
 
+
+# Book-keeping clips same-shape Linears together while their stacked A and G copies stay under this many bytes.
+STACK_BYTES = 32 << 20
 
 # Layers whose matmul autocast runs in lower precision: their input is cast before the layer (see _cast_input).
 _AUTOCAST_LOWERED = (nn.Linear, nn.Conv2d)
@@ -256,16 +259,47 @@ class DPGradSampleModule(AbstractGradSampleModule):
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
     def write_clipped_grads(self, coef: torch.Tensor):
-        """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes."""
+        """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes.
+
+        Same-shape Linears (the q/k/v/out/MLP layers of all blocks) are clipped together, one batched GEMM per
+        run of at most STACK_BYTES of stacked operands: at small batches the per-layer GEMMs are launch-bound.
+        """
         clip = ClipCoefficients(coef)
+        for batch in self._stacked_clip_batches():
+            grads = batch[0].rule.stacked_clipped_grads(
+                [s.module for s in batch], [s.uses[0] for s in batch], self._n, clip
+            )
+            self._write_grads(grads)
+            for state in batch:
+                self._release(state)
         for state in self._states:
             if state.uses:
                 grads = state.rule.clipped_grads(
                     state.module, [u for u in state.uses if u.grad_output is not None], self._n, clip
                 )
-                for p, g in grads.items():
-                    p.grad = g if p.grad is None else p.grad + g
+                self._write_grads(grads)
             self._release(state)
+
+    @staticmethod
+    def _write_grads(grads: dict) -> None:
+        for p, g in grads.items():
+            p.grad = g if p.grad is None else p.grad + g
+
+    def _stacked_clip_batches(self) -> list[list[_LayerState]]:
+        """Runs of single-use Linears with one stack key, each run's stacked A and G within STACK_BYTES."""
+        by_key: dict = {}
+        for state in self._states:
+            if len(state.uses) == 1 and state.rule is LINEAR_RULE:
+                key = state.rule.stack_key(state.module, state.uses[0])
+                if key is not None:
+                    by_key.setdefault(key, []).append(state)
+        batches = []
+        for states in by_key.values():
+            use = states[0].uses[0]
+            per_layer = max(1, sum(t.numel() * t.element_size() for t in (use.inputs[0], use.grad_output)))
+            size = max(1, STACK_BYTES // per_layer)
+            batches += [states[i : i + size] for i in range(0, len(states), size) if len(states[i : i + size]) > 1]
+        return batches
 
     def end_step(self):
         """Forget this forward's caches; give never-used trainable parameters a zero gradient (they still get noise)."""

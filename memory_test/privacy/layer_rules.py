@@ -158,6 +158,45 @@ class LinearLikeRule:
             grads[bias] = gb.to(bias.dtype)
         return grads
 
+    def stacked_clipped_grads(self, modules, uses, n, coef) -> dict:
+        """``clipped_grads`` of several same-shape Linears (one use each) with one batched GEMM for all of them.
+
+        Same sums as layer by layer (only the GEMM batching differs); the caller bounds the stacked copies of
+        A and G (see ``STACK_BYTES``). Used for the small per-layer GEMMs whose launch/Python cost dominates.
+        """
+        weight, bias = modules[0].weight, modules[0].bias
+        clip = as_coefficients(coef)
+        pairs = [self.rows(m, u, n) for m, u in zip(modules, uses)]
+        A = torch.stack([a for a, _ in pairs])  # (L, n, R, d)
+        G = torch.stack([g for _, g in pairs])  # (L, n, R, p)
+        L, d, p = A.shape[0], A.shape[-1], G.shape[-1]
+        grads = {}
+        if _trainable(weight):
+            dtype = A.dtype if A.dtype == G.dtype else _matmul_dtype(A, G)
+            # As clipped_grads: the smaller operand is scaled, by c in its own dtype; (n, 1, 1) broadcasts over L.
+            if d <= p:
+                lhs, rhs = G, A * clip.like(pairs[0][0])
+            else:
+                lhs, rhs = G * clip.like(pairs[0][1]), A
+            gw = torch.bmm(lhs.reshape(L, -1, p).to(dtype).transpose(1, 2), rhs.reshape(L, -1, d).to(dtype))
+            grads.update((m.weight, g.to(weight.dtype)) for m, g in zip(modules, gw.unbind(0)))
+        if _trainable(bias):
+            G3 = G.reshape(L, -1, p)
+            gb = clip.per_row(G.shape[2], G3) @ G3  # (L, p)
+            grads.update((m.bias, g.to(bias.dtype)) for m, g in zip(modules, gb.unbind(0)))
+        return grads
+
+    def stack_key(self, module, use) -> tuple | None:
+        """Linears with equal keys can share ``stacked_clipped_grads``; None: this layer is clipped on its own."""
+        A, G = use.inputs[0], use.grad_output
+        weight, bias = module.weight, module.bias
+        if G is None or type(module) is not nn.Linear:
+            return None
+        return (
+            A.shape, A.dtype, G.shape, G.dtype, A.device, _trainable(weight), weight.dtype,
+            _trainable(bias), None if bias is None else bias.dtype,
+        )  # fmt: skip
+
 
 class Conv2dRule(LinearLikeRule):
     """Conv2d as a Linear over unfolded patches (DiT's patch embedding: kernel = stride, so unfold is a reshape)."""
@@ -247,7 +286,7 @@ class MaterializedRule:
         }
 
 
-_LINEAR = LinearLikeRule()
+LINEAR_RULE = _LINEAR = LinearLikeRule()
 _CONV2D = Conv2dRule()
 _EMBEDDING = EmbeddingRule()
 
