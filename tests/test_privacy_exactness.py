@@ -83,9 +83,10 @@ def test_unclipped_equals_plain_gradient(tiny_model, mode):
     assert rel_err(got, want) <= 1e-9
 
 
-@pytest.mark.parametrize("stack_bytes", [1, 12288, 1 << 30])  # none, runs of <= 3 layers, all
-def test_bookkeeping_stacked_clipping_matches_reference(tiny_model, monkeypatch, stack_bytes):
-    """Same-shape Linears clipped together (several runs, one run, or none) give the reference update."""
+@pytest.mark.parametrize("mode", ["bookkeeping", "flash_clip_bk"])
+@pytest.mark.parametrize("stack_bytes", [1, 12288, 1 << 30])  # no stacking, runs of 2 layers, whole runs
+def test_bookkeeping_stacked_layers_match_reference(tiny_model, monkeypatch, mode, stack_bytes):
+    """Same-shape Linears normed and clipped together (in runs bounded by STACK_BYTES) give the reference update."""
     from memory_test.privacy import grad_sample_module
 
     monkeypatch.setattr(grad_sample_module, "STACK_BYTES", stack_bytes)
@@ -93,5 +94,5 @@ def test_bookkeeping_stacked_clipping_matches_reference(tiny_model, monkeypatch,
     _, norms = reference_update(tiny_model, batch, N, 2, 1e9, "mean")
     max_grad_norm = norms.median().item()
     want, _ = reference_update(tiny_model, batch, N, 2, max_grad_norm, "mean")
-    got = _dp_update(tiny_model, batch, 2, max_grad_norm, "bookkeeping", "mean")
+    got = _dp_update(tiny_model, batch, 2, max_grad_norm, mode, "mean")
     assert rel_err(got, want) <= 1e-6

@@ -38,7 +38,8 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-# Book-keeping clips same-shape Linears together while their stacked A and G copies stay under this many bytes.
+# Book-keeping norms and clips same-shape single-use Linears (one per block) together, in runs whose stacked A and G
+# copies (and ghost's Grams) stay under this many bytes: at small batches their per-layer calls are host-bound.
 STACK_BYTES = 32 << 20
 
 # Layers whose matmul autocast runs in lower precision: their input is cast before the layer (see _cast_input).
@@ -207,11 +208,29 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 if len(group.ready) == len(group.members):
                     self._finish_group(group)
                 return
+        if allow_group and self.keep_for_bookkeeping and self._stackable(state):
+            self._deferred.append(state)  # book-keeping holds (A, G) anyway: norm it with its same-shape peers
+            return
         uses = [u for u in state.uses if u.grad_output is not None]  # a use whose output fed no loss adds 0
         if uses:
             sq, path = state.rule.sq_norm(state.module, uses, self._n, self.norm_backend)
             self._add_norm(state, sq, path)
         self._done(state)
+
+    def _finish_deferred(self):
+        """Norms of the deferred single-use Linears: one backend call per run of same-shape layers."""
+        for run in self._stack_runs(self._deferred):
+            if len(run) == 1:
+                self._finish_layer(run[0], allow_group=False)
+                continue
+            sq, path = run[0].rule.stacked_sq_norms(
+                [s.module for s in run], [s.uses[0] for s in run], self._n, self.norm_backend
+            )
+            self._sq_norm.add_(sq)
+            for state in run:
+                self.norm_paths[state.name] = path
+                self._done(state)
+        self._deferred = []
 
     def _finish_group(self, group):
         """Layers sharing one input: the backend may compute the input's Gram once for all of them."""
@@ -245,12 +264,14 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._n = n = loss_per_sample.shape[0]
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
+        self._deferred = []
         self._recording_backward = True
         try:
             if n > 0:
                 torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
         finally:
             self._recording_backward = False
+        self._finish_deferred()
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
                 self._finish_layer(state, allow_group=False)
@@ -265,7 +286,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         run of at most STACK_BYTES of stacked operands: at small batches the per-layer GEMMs are launch-bound.
         """
         clip = ClipCoefficients(coef)
-        for batch in self._stacked_clip_batches():
+        stackable = [s for s in self._states if self._stackable(s)]
+        for batch in (run for run in self._stack_runs(stackable) if len(run) > 1):
             grads = batch[0].rule.stacked_clipped_grads(
                 [s.module for s in batch], [s.uses[0] for s in batch], self._n, clip
             )
@@ -285,21 +307,25 @@ class DPGradSampleModule(AbstractGradSampleModule):
         for p, g in grads.items():
             p.grad = g if p.grad is None else p.grad + g
 
-    def _stacked_clip_batches(self) -> list[list[_LayerState]]:
-        """Runs of single-use Linears with one stack key, each run's stacked A and G within STACK_BYTES."""
+    @staticmethod
+    def _stackable(state: _LayerState) -> bool:
+        return state.rule is LINEAR_RULE and len(state.uses) == 1 and state.uses[0].grad_output is not None
+
+    def _stack_runs(self, states: list[_LayerState]) -> list[list[_LayerState]]:
+        """``states`` (single-use Linears) split into runs of one stack key, each run's stacked A and G (and
+        ghost's two Gram matrices) within STACK_BYTES; a layer with no partner is a run of one."""
         by_key: dict = {}
-        for state in self._states:
-            if len(state.uses) == 1 and state.rule is LINEAR_RULE:
-                key = state.rule.stack_key(state.module, state.uses[0])
-                if key is not None:
-                    by_key.setdefault(key, []).append(state)
-        batches = []
-        for states in by_key.values():
-            use = states[0].uses[0]
-            per_layer = max(1, sum(t.numel() * t.element_size() for t in (use.inputs[0], use.grad_output)))
-            size = max(1, STACK_BYTES // per_layer)
-            batches += [states[i : i + size] for i in range(0, len(states), size) if len(states[i : i + size]) > 1]
-        return batches
+        for state in states:
+            key = state.rule.stack_key(state.module, state.uses[0])
+            by_key.setdefault(key if key is not None else id(state), []).append(state)
+        runs = []
+        for group in by_key.values():
+            A, G = group[0].uses[0].inputs[0], group[0].uses[0].grad_output
+            rows = A.numel() // max(1, self._n * A.shape[-1])
+            per_layer = A.numel() * A.element_size() + G.numel() * G.element_size() + 8 * self._n * rows * rows
+            size = max(1, STACK_BYTES // max(1, per_layer))
+            runs += [group[i : i + size] for i in range(0, len(group), size)]
+        return runs
 
     def end_step(self):
         """Forget this forward's caches; give never-used trainable parameters a zero gradient (they still get noise)."""

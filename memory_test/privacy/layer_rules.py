@@ -158,6 +158,18 @@ class LinearLikeRule:
             grads[bias] = gb.to(bias.dtype)
         return grads
 
+    def stacked_sq_norms(self, modules, uses, n, backend) -> tuple[torch.Tensor, str]:
+        """Σ of ``sq_norm`` over same-shape Linears (one use each) in one backend call: every layer's samples
+        become extra samples of one (L·n, R, f) batch, then each sample's L norms are summed."""
+        weight, bias = modules[0].weight, modules[0].bias
+        pairs = [self.rows(m, u, n) for m, u in zip(modules, uses)]
+        A, G = torch.cat([a for a, _ in pairs]), torch.cat([g for _, g in pairs])
+        w_sq, b_sq, path = backend.linear_sq_norms(A, G, with_bias=_trainable(bias))
+        total = w_sq if _trainable(weight) else torch.zeros_like(w_sq)
+        if b_sq is not None:
+            total = total + b_sq
+        return total.view(len(pairs), n).sum(dim=0), path
+
     def stacked_clipped_grads(self, modules, uses, n, coef) -> dict:
         """``clipped_grads`` of several same-shape Linears (one use each) with one batched GEMM for all of them.
 
