@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed, ready for one device call each (docs/NOTES.md "Next GPU session").
+#
+#   bash scripts/gpu_session.sh single    # 1 H200: opacus_ghost max batch, opacus_hooks bf16@128, BK modes re-measured
+#   bash scripts/gpu_session.sh multi N   # N H200s (2 or 4): sharded update check, sharded sweep, 1-GPU comparison
+#
+# On the device box: installs the carried wheels (.whl/) into /tmp/site when opacus is missing, records the commit
+# (set MEMORY_TEST_GIT_SHA in the command: the box's copy has no .git), bounds each part with `timeout` so that a
+# slow part cannot eat the call, and tars every results folder it touched into $OUT/results.tgz at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PHASE="${1:-}"
+N="${2:-2}"
+usage() { sed -n '2,9p' "$0"; exit 2; }
+[[ "$PHASE" == single || "$PHASE" == multi ]] || usage
+[[ "$PHASE" == single || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
+PY="${PYTHON:-python3}"
+OUT="${OUT:-/tmp/gpu_session_out}"
+mkdir -p "$OUT"
+if ! "$PY" -c "import opacus, diffusers" 2>/dev/null; then
+    [[ -d .whl ]] || { echo "opacus/diffusers missing and no .whl/ carried (bash ../shared/gpu/fetch_wheels.sh)" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHON="$PY"
+[[ -z "${MEMORY_TEST_GIT_SHA:-}" ]] && echo "note: MEMORY_TEST_GIT_SHA is not set; records will carry git.sha null" >&2
+
+S=memory_test/diffusion_profile/run_all_experiments.sh
+C=(--model DiT-XL/2 --device cuda --num-iter 4 --warmup-iter 2 --no-plots)
+TOUCHED=()
+part() {  # seconds, log name, command...
+    local secs=$1 name=$2
+    shift 2
+    echo "== $name (at most ${secs}s)"
+    timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+    echo "   exit $?; last lines:"
+    grep -v " kept (" "$OUT/$name.log" | tail -n 4 | sed 's/^/   /'
+}
+
+case "$PHASE" in
+    single)
+        TOUCHED=(results/h200_xl2 results/h200_xl2_host)
+        part 150 opacus_ghost_max bash $S "${C[@]}" --output-dir results/h200_xl2 --experiments opacus_ghost \
+            --max-batch-only --max-batch-resolution 16
+        part 60 opacus_hooks_bf16 bash $S "${C[@]}" --output-dir results/h200_xl2 --experiments opacus_hooks \
+            --batch-sizes 128 --precisions bf16
+        # The host-overhead changes postdate results/h200_xl2: same grid, new folder, same call for the ratios.
+        part 330 bk_after_host_changes bash $S "${C[@]}" --output-dir results/h200_xl2_host \
+            --experiments vanilla,bookkeeping,flash_clip_bk --batch-sizes 8,32,128
+        ;;
+    multi)
+        TOUCHED=(results/fsdp_check "results/h200_xl2_w$N")
+        mkdir -p results/fsdp_check
+        for mode in ghost_fsdp_bk flash_fsdp_bk vanilla; do
+            part 120 "fsdp_check_${mode}_w$N" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$N" \
+                scripts/fsdp_check.py --model DiT-XL/2 --global-batch $((8 * N)) --mode "$mode" \
+                --output "results/fsdp_check/xl2_${mode}_b$((8 * N))_w$N.json"
+        done
+        part 240 "sweep_w$N" bash $S "${C[@]}" --output-dir "results/h200_xl2_w$N" --nproc-per-node "$N" \
+            --batch-sizes 32,64
+        # The 1-GPU side of the scaling chart, measured in the same call: the unsharded modes at the same per-GPU batch.
+        part 150 "sweep_w1_for_w$N" bash $S "${C[@]}" --output-dir "results/h200_xl2_w$N" \
+            --experiments vanilla,bookkeeping,flash_clip_bk --batch-sizes 32,64
+        ;;
+    *) usage ;;
+esac
+
+tar czf "$OUT/results.tgz" "${TOUCHED[@]}" 2>/dev/null
+echo "results in \$OUT/results.tgz: ${TOUCHED[*]} (extract at the repo root, then run the visualizer and commit)"
