@@ -95,6 +95,10 @@ def test_every_experiment_writes_a_valid_record(cli, name):
     cfg = rec["config"]
     assert cfg["batch_size"] == 2 and cfg["model"] == "DiT-tiny" and cfg["device"] == "cpu"
     assert cfg["poisson_sampling"] is False and cfg["noise_multiplicity"] == 1
+    engine = EXPERIMENTS[name].mode
+    assert cfg["mode"] == (
+        None if engine is None else {"norm": engine.norm, "strategy": engine.strategy, "sharding": None}
+    )
     model = rec["model"]
     assert model["params"] > 10_000 and 0 < model["trainable_params"] <= model["params"]
     assert model["tokens_per_sample"] == 16  # 8x8 latent, patch 2

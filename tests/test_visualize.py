@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from memory_test.diffusion_profile import result_tables
 from memory_test.diffusion_profile import visualize_memory_breakdown as viz
 from memory_test.profiling.records import load_records
 
@@ -126,3 +127,35 @@ def test_noise_multiplicity_groups_table_and_chart(tmp_path):
     chart = nm.plot_k(groups[0][1], groups[0][0], tmp_path / "k.png", {})
     assert chart.read_bytes()[:4] == b"\x89PNG"
     assert "| ghost | 4 | 450.0 | 1.5 | 2.25 |" in nm.k_section(groups[0][1], groups[0][0], chart, viz.markdown_table)
+
+
+def test_scaling_pairs_sharded_runs_with_their_single_process_family(tmp_path):
+    from memory_test.diffusion_profile import plot_scaling
+
+    bk = {"norm": "ghost", "strategy": "bookkeeping"}
+    base = dict(model="DiT-XL/2", image_size=256, precision="fp32", noise_multiplicity=1, attention="flash")
+    base.update(status="ok", batch_size=32, hardware="GPU", optimizer_state=4 * 2**30)
+    rows = [
+        dict(base, experiment="bookkeeping", scaling_family="ghost norms, bookkeeping", world_size=1,
+             samples_per_s=100.0, peak_bytes_max=80 * 2**30, weights=3 * 2**30, gradients=3 * 2**30),
+        dict(base, experiment="ghost_fsdp_bk", scaling_family="ghost norms, bookkeeping", world_size=2,
+             samples_per_s=190.0, peak_bytes_max=75 * 2**30, weights=1.5 * 2**30, gradients=1.5 * 2**30,
+             optimizer_state=2 * 2**30),
+        dict(base, experiment="opacus_ghost", scaling_family=None, world_size=1, samples_per_s=50.0,
+             peak_bytes_max=90 * 2**30, weights=3 * 2**30, gradients=3 * 2**30),  # no family: not compared
+        dict(base, experiment="vanilla", scaling_family="vanilla", world_size=1, samples_per_s=200.0,
+             peak_bytes_max=70 * 2**30, weights=3 * 2**30, gradients=3 * 2**30),  # one world size only
+    ]  # fmt: skip
+    groups = plot_scaling.scaling_groups(pd.DataFrame(rows))
+    assert len(groups) == 1 and set(groups[0][1]["experiment"]) == {"bookkeeping", "ghost_fsdp_bk"}
+    t = plot_scaling.scaling_table(groups[0][1]).set_index("world_size")
+    assert t.loc[2, "speedup_vs_1"] == pytest.approx(1.9) and t.loc[2, "state_x_1gpu"] == pytest.approx(0.5)
+    chart = plot_scaling.plot_scaling(groups[0][1], groups[0][0], tmp_path / "s.png")
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+    assert "| ghost norms, bookkeeping | ghost_fsdp_bk | 2 | 190.0 | 1.9 | 75.0 | 5.0 | 0.5 |" in (
+        plot_scaling.scaling_section(groups[0][1], groups[0][0], chart, viz.markdown_table)
+    )
+    # records carry the mode's composition; a sharded mode and its single-process twin get one family
+    rec = {"experiment": "ghost_fsdp_bk", "config": {"mode": dict(bk, sharding="fsdp")}}
+    assert result_tables.scaling_family(rec) == "ghost norms, bookkeeping"
+    assert result_tables.scaling_family({"experiment": "vanilla", "config": {}}) == "vanilla"

@@ -11,6 +11,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from memory_test.diffusion_profile.chart_io import finish
+
 GROUP_KEYS = ("device", "model", "image_size", "precision", "attention", "batch_size")
 
 
@@ -61,11 +63,7 @@ def plot_k(df: pd.DataFrame, group: dict, out: Path, colors: dict) -> Path:
         ax.legend(fontsize=8)
     ax1.set_yscale("log")
     ax2.axhline(1.0, color="k", ls="--", lw=1)
-    fig.suptitle("Cost of noise multiplicity K (K×T rows per sample for the norms)\n" + _title(group), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return finish(fig, out, "Cost of noise multiplicity K (K×T rows per sample for the norms)\n" + _title(group))
 
 
 def k_section(df: pd.DataFrame, group: dict, chart: Path, markdown_table) -> str:

@@ -36,6 +36,16 @@ def run_device(r: dict) -> str:
     return device_label(r) + (f" x{world} FSDP2" if world > 1 else "")
 
 
+def scaling_family(r: dict) -> str | None:
+    """What a run computes, whatever the number of processes: "vanilla", or an engine mode's norms and gradient
+    strategy (ghost_fsdp_bk and bookkeeping are one family); None for runs that are not compared across GPUs."""
+    cfg = r.get("config") or {}
+    mode = cfg.get("mode")
+    if mode:
+        return f"{mode['norm']} norms, {mode['strategy']}"
+    return "vanilla" if r.get("experiment") == "vanilla" else None
+
+
 def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, max_batch) tables, one row per record; the latest record wins for a repeated configuration."""
     runs, maxb = [], []
@@ -43,6 +53,9 @@ def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
         cfg = r["config"]
         row = {
             "device": run_device(r),
+            "hardware": device_label(r),
+            "world_size": cfg.get("world_size") or 1,
+            "scaling_family": scaling_family(r),
             "model": cfg.get("model"),
             "image_size": cfg.get("image_size"),
             "precision": cfg.get("precision"),
@@ -76,6 +89,7 @@ def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             attention_backend=_get(r, "backends", "attention"),
             kernel_backend=_get(r, "backends", "kernel_backend"),
             epsilon=_get(r, "privacy", "epsilon"),
+            peak_bytes_max=_get(r, "distributed", "peak_bytes_max", default=mem.get("total_bytes")),
         )
         for p in PARTS:
             row[p] = parts.get(p)

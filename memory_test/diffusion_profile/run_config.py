@@ -206,6 +206,11 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         "experiment": exp.name,
         "experiment_requested": args.experiment,
         "experiment_family": exp.family,
+        # What the engine mode is made of (None for vanilla and upstream baselines): lets charts pair a sharded mode
+        # with its single-process equivalent without importing the engine.
+        "mode": None
+        if exp.mode is None
+        else {"norm": exp.mode.norm, "strategy": exp.mode.strategy, "sharding": exp.mode.sharding},
         "private": exp.private,
         "model": model,
         "image_size": image_size,

@@ -6,15 +6,14 @@
 Writes into ``<results-dir>/plots`` (or ``--out-dir``), one set per setting (device, model, image size, precision,
 noise multiplicity, attention): memory breakdown bars with the peak marked, peak memory vs batch size, step time and
 throughput vs batch size, the memory-time trade-off, max batch per mode, each DP mode's ratio to vanilla; the cost
-of noise multiplicity K where records cover several K at one batch size; plus ``summary.md``. Records measured on
-different devices never share a chart. OOM records are drawn as OOM; corrupt or foreign JSON files are skipped with a
-warning.
+of noise multiplicity K where records cover several K at one batch size; multi-GPU scaling where they cover several
+world sizes; plus ``summary.md``. Records measured on different devices never share a chart. OOM records are drawn
+as OOM; corrupt or foreign JSON files are skipped with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -27,6 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from memory_test.diffusion_profile import (
+    chart_io,  # noqa: E402
+    plot_scaling,  # noqa: E402
+)
 from memory_test.diffusion_profile import plot_noise_multiplicity as nm  # noqa: E402
 from memory_test.diffusion_profile.result_tables import (  # noqa: E402  (re-exported for tests and scripts)
     PARTS,
@@ -57,8 +60,7 @@ def _unit(max_bytes: float) -> tuple[float, str]:
 
 
 def _slug(setting: dict) -> str:
-    text = "__".join(str(setting[k]) for k in SETTING_KEYS)
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+    return chart_io.slug(setting[k] for k in SETTING_KEYS)
 
 
 def _title(setting: dict) -> str:
@@ -77,7 +79,7 @@ def _fmt(v, spec: str) -> str:
 
 CHART_KINDS = (
     "breakdown", "peak_memory_vs_batch", "time_throughput_vs_batch", "memory_time_tradeoff", "ratio_to_vanilla",
-    "max_batch", "noise_multiplicity",
+    "max_batch", "noise_multiplicity", "scaling",
 )  # fmt: skip
 
 
@@ -268,9 +270,7 @@ def plot_ratio(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return chart_io.finish(fig, path)
 
 
 # ----- summary ------------------------------------------------------------------------------------------------
@@ -367,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         written += charts
         sections.append(summary_section(df, mbt, setting, charts))
     for group, df in nm.k_groups(runs):
-        slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", "__".join(str(group[k]) for k in nm.GROUP_KEYS)).strip("_")
+        slug = chart_io.slug(group[k] for k in nm.GROUP_KEYS)
         chart = nm.plot_k(df, group, out_dir / f"noise_multiplicity__{slug}.png", _colors(_experiment_order(df)))
         written.append(chart)
         sections.append(nm.k_section(df, group, chart, markdown_table))
+    for group, df in plot_scaling.scaling_groups(runs):
+        slug = chart_io.slug(group[k] for k in plot_scaling.GROUP_KEYS)
+        chart = plot_scaling.plot_scaling(df, group, out_dir / f"scaling__{slug}.png")
+        written.append(chart)
+        sections.append(plot_scaling.scaling_section(df, group, chart, markdown_table))
 
     head = [
         "# DiT DP-SGD profiling summary",
