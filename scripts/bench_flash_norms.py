@@ -27,6 +27,7 @@ from memory_test.kernels.flash_norms import (  # noqa: E402
     kernel_backend,
     linear_sq_norms,
     multi_linear_sq_norms,
+    tf32_rounding,
 )
 from memory_test.kernels.flash_norms_reference import (  # noqa: E402
     linear_sq_norms_reference,
@@ -285,7 +286,14 @@ def main(argv=None) -> int:
     t_start = time.time()
     record = {
         "env": environment(device),
-        "config": {"batch_size": B, "seqs": seqs, "shapes": shapes, "dtypes": args.dtypes, "allow_tf32": tf32},
+        "config": {
+            "batch_size": B,
+            "seqs": seqs,
+            "shapes": shapes,
+            "dtypes": args.dtypes,
+            "allow_tf32": tf32,
+            "tf32_rounding": tf32_rounding(),
+        },
         "ceilings_tflops": ceilings(timer, device, 8192 if gpu else 256),
         "rows": [],
     }

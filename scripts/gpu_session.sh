@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, ready for one device call each (docs/NOTES.md "Next GPU session").
 #
-#   bash scripts/gpu_session.sh single    # 1 H200: opacus_ghost max batch, opacus_hooks bf16@128, BK modes re-measured
+#   bash scripts/gpu_session.sh single    # 1 H200: opacus_ghost max batch, opacus_hooks bf16@128, TF32-rounding
+#                                         # kernel bench, BK modes re-measured after the host-overhead changes
 #   bash scripts/gpu_session.sh multi N   # N H200s (2 or 4): sharded update check, sharded sweep, 1-GPU comparison
 #
 # On the device box: installs the carried wheels (.whl/) into /tmp/site when opacus is missing, records the commit
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PHASE="${1:-}"
 N="${2:-2}"
-usage() { sed -n '2,9p' "$0"; exit 2; }
+usage() { sed -n '2,10p' "$0"; exit 2; }
 [[ "$PHASE" == single || "$PHASE" == multi ]] || usage
 [[ "$PHASE" == single || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
 PY="${PYTHON:-python3}"
@@ -40,11 +41,15 @@ part() {  # seconds, log name, command...
 
 case "$PHASE" in
     single)
-        TOUCHED=(results/h200_xl2 results/h200_xl2_host)
+        TOUCHED=(results/h200_xl2 results/h200_xl2_host results/flash_norms)
         part 150 opacus_ghost_max bash $S "${C[@]}" --output-dir results/h200_xl2 --experiments opacus_ghost \
             --max-batch-only --max-batch-resolution 16
         part 60 opacus_hooks_bf16 bash $S "${C[@]}" --output-dir results/h200_xl2 --experiments opacus_hooks \
             --batch-sizes 128 --precisions bf16
+        # TF32 rounding of fp32 kernel operands (off by default): its cost, and its error vs the truncation bias.
+        part 150 tf32_rounding_bench env FLASH_NORMS_TF32_ROUNDING=1 "$PY" scripts/bench_flash_norms.py --quick \
+            --dtypes fp32 --output results/flash_norms/h200_fp32_tf32_rounding.json \
+            --markdown results/flash_norms/h200_fp32_tf32_rounding.md
         # The host-overhead changes postdate results/h200_xl2: same grid, new folder, same call for the ratios.
         part 330 bk_after_host_changes bash $S "${C[@]}" --output-dir results/h200_xl2_host \
             --experiments vanilla,bookkeeping,flash_clip_bk --batch-sizes 8,32,128

@@ -160,6 +160,38 @@ def test_16bit_kernels_close_to_float64_of_unrounded_inputs():
         _check(b, ref_b, 1e-2)
 
 
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> nearest TF32 value (ties away from zero), the same bit operation as the kernels' _round_tf32."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@kernel_test
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_tf32_rounding_feeds_the_dots_round_to_nearest_operands(path, monkeypatch):
+    """With FLASH_NORMS_TF32_ROUNDING=1 a TF32 dot sees operands rounded to nearest TF32: its result is the exact
+    norm of the rounded operands (products of 11-bit significands are exact in fp32), not a truncated one."""
+    A, G = _pair(2, 37, 40, 24, device=KERNEL_DEVICE, seed=5)
+    exact_w, exact_b = linear_sq_norms_reference(A.double(), G.double(), with_bias=True)
+    Ar, Gr = _round_to_tf32(A).double(), _round_to_tf32(G).double()
+    rounded_w, rounded_b = linear_sq_norms_reference(Ar, Gr, with_bias=True)
+    assert ((rounded_w - exact_w).abs() / exact_w).max() > 1e-5  # the check below can tell the two apart
+    monkeypatch.setenv(fn.TF32_ROUNDING_ENV, "1")
+    w, b, _ = fn.linear_sq_norms(A, G, with_bias=True, path=path, backend="triton", allow_tf32=True)
+    _check(w, rounded_w.to(w.device), 1e-6)
+    # The bias: the Gram path reads it off the (rounded) G Grams; the direct path sums G's rows outside any dot.
+    _check(b, (rounded_b if path == "gram" else exact_b).to(b.device), 1e-6)
+    monkeypatch.setenv(fn.TF32_ROUNDING_ENV, "0")
+    w0, _, _ = fn.linear_sq_norms(A, G, with_bias=True, path=path, backend="triton", allow_tf32=False)
+    _check(w0, exact_w.to(w0.device), 1e-5)  # ieee: no rounding at all
+
+
+def test_tf32_rounding_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(fn.TF32_ROUNDING_ENV, "yes")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        fn.tf32_rounding()
+
+
 @kernel_test
 def test_auto_path_outer_and_two_dimensional_inputs():
     for shape in [(3, 3, 33, 20), (2, 40, 3, 5), (3, 1, 6, 7)]:

@@ -250,6 +250,10 @@ def dp_backend_info(model: nn.Module) -> dict:
             kernel = f"unknown ({e})"
     paths = getattr(model, "norm_paths", None)
     out = {"kernel_backend": kernel, "norm_paths_by_layer": None, "norm_path_counts": None}
+    if kernel == "triton":  # fp32 TF32 dots: operands rounded to nearest TF32, or truncated by the tensor cores
+        from memory_test.kernels.flash_norms import tf32_rounding
+
+        out["flash_tf32_rounding"] = tf32_rounding()
     if isinstance(paths, dict):
         out["norm_paths_by_layer"] = dict(paths)
         counts: dict[str, int] = {}

@@ -14,8 +14,15 @@ import triton.language as tl
 # fmt: off
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest TF32 value (ties away from zero), still fp32: the tensor cores then drop only zero bits,
+    instead of truncating the 13 low mantissa bits (which biases every product toward zero)."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gram_tile(base, stride_t, T, K, rows_j, rows_k, DIAG: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr):
     """X[rows_j] @ X[rows_k]ᵀ for one sample's (T, K) row-major matrix X, reduced over K in BLOCK_K chunks, fp32."""
     cols = tl.arange(0, BLOCK_K)
     ptr_j = base + rows_j[:, None] * stride_t + cols[None, :]
@@ -36,15 +43,18 @@ def _gram_tile(base, stride_t, T, K, rows_j, rows_k, DIAG: tl.constexpr, BLOCK_T
         ptr_k += BLOCK_K
         if UPCAST:  # the interpreter's tl.dot multiplies bfloat16 bit patterns as integers
             x, y = x.to(tl.float32), y.to(tl.float32)
+        if ROUND:
+            x = _round_tf32(x)
+            y = x if DIAG else _round_tf32(y)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
 def _gram_store(sa, g_ptr, s_t, P, T, rows_j, rows_k, w_out, b_out, DIAG: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr):
     """Dot one output-gradient Gram tile with the shared input Gram tile; store the weight and bias partials."""
-    sg = _gram_tile(g_ptr, s_t, T, P, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST)
+    sg = _gram_tile(g_ptr, s_t, T, P, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
     # Off-diagonal tile pairs stand for both (j, k) and (k, j) of the symmetric Grams.
     scale = 1.0 if DIAG else 2.0
     tl.store(w_out, tl.sum(sa * sg) * scale)
@@ -55,19 +65,19 @@ def _gram_store(sa, g_ptr, s_t, P, T, rows_j, rows_k, w_out, b_out, DIAG: tl.con
 @triton.jit
 def _gram_pair(a_ptr, sa_t, D, g0, s0t, P0, g1, s1t, P1, g2, s2t, P2, g3, s3t, P3, w_out, b_out, plane, T,
                rows_j, rows_k, NUM_G: tl.constexpr, DIAG: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr):
     """The input Gram tile once, then each output gradient's Gram tile against it."""
-    sa = _gram_tile(a_ptr, sa_t, T, D, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST)
-    _gram_store(sa, g0, s0t, P0, T, rows_j, rows_k, w_out, b_out, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST)
+    sa = _gram_tile(a_ptr, sa_t, T, D, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
+    _gram_store(sa, g0, s0t, P0, T, rows_j, rows_k, w_out, b_out, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
     if NUM_G > 1:
         _gram_store(sa, g1, s1t, P1, T, rows_j, rows_k, w_out + plane, b_out + plane, DIAG, BLOCK_T, BLOCK_K,
-                    PREC, UPCAST)
+                    PREC, UPCAST, ROUND)
     if NUM_G > 2:
         _gram_store(sa, g2, s2t, P2, T, rows_j, rows_k, w_out + 2 * plane, b_out + 2 * plane, DIAG, BLOCK_T,
-                    BLOCK_K, PREC, UPCAST)
+                    BLOCK_K, PREC, UPCAST, ROUND)
     if NUM_G > 3:
         _gram_store(sa, g3, s3t, P3, T, rows_j, rows_k, w_out + 3 * plane, b_out + 3 * plane, DIAG, BLOCK_T,
-                    BLOCK_K, PREC, UPCAST)
+                    BLOCK_K, PREC, UPCAST, ROUND)
 
 
 @triton.jit
@@ -79,6 +89,7 @@ def gram_kernel(
     g3, s3b, s3t, P3,
     w_part, b_part, T, B, n_pairs,
     NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     """One program per (upper-triangular T-tile pair, sample): Σ (A Aᵀ)∘(G Gᵀ) over the tile for up to 4 Gs."""
     pid = tl.program_id(0)
@@ -96,17 +107,17 @@ def gram_kernel(
     if j == k:
         _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, g1 + sample * s1b, s1t, P1, g2 + sample * s2b, s2t, P2,
                    g3 + sample * s3b, s3t, P3, w_part + out, b_part + out, plane, T, rows_j, rows_k, NUM_G, True,
-                   BLOCK_T, BLOCK_K, PREC, UPCAST)
+                   BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
     else:
         _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, g1 + sample * s1b, s1t, P1, g2 + sample * s2b, s2t, P2,
                    g3 + sample * s3b, s3t, P3, w_part + out, b_part + out, plane, T, rows_j, rows_k, NUM_G, False,
-                   BLOCK_T, BLOCK_K, PREC, UPCAST)
+                   BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
 
 
 @triton.jit
 def _direct_loop(a_base, g_base, sa_t, sg_t, T, offs_d, offs_p, in_d, in_p,
                  COLSUM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                 DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, ROUND: tl.constexpr):
     """Σ_t A[t, d-tile]ᵀ G[t, p-tile] in fp32 registers, and (if COLSUM) Σ_t G[t, p-tile]."""
     acc = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
     colsum = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -119,7 +130,10 @@ def _direct_loop(a_base, g_base, sa_t, sg_t, T, offs_d, offs_p, in_d, in_p,
         # stay vectorised and the loop pipelined.
         a = tl.load(a_ptr, mask=in_d[:, None] & (steps[None, :] < T - t0), other=0.0)
         g = tl.load(g_ptr, mask=(steps[:, None] < T - t0) & in_p[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), g.to(DOT_DTYPE), acc, input_precision=PREC)
+        a_dot, g_dot = a.to(DOT_DTYPE), g.to(DOT_DTYPE)
+        if ROUND:
+            a_dot, g_dot = _round_tf32(a_dot), _round_tf32(g_dot)
+        acc = tl.dot(a_dot, g_dot, acc, input_precision=PREC)
         if COLSUM:
             colsum += tl.sum(g.to(tl.float32), axis=0)
         a_ptr += BLOCK_T * sa_t
@@ -133,7 +147,7 @@ def direct_kernel(
     g_ptr, sg_b, sg_t, P,
     w_part, b_part, T,
     HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+    GROUP_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, ROUND: tl.constexpr,
 ):
     """One program per ((d-tile, p-tile), sample): ||A_iᵀG_i||² restricted to the tile, never written to memory."""
     pid = tl.program_id(0)
@@ -157,13 +171,13 @@ def direct_kernel(
         # other programs keep a loop with nothing but loads and the dot.
         if pid_d == 0:
             acc, colsum = _direct_loop(a_base, g_base, sa_t, sg_t, T, offs_d, offs_p, in_d, in_p,
-                                       True, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC)
+                                       True, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC, ROUND)
             tl.store(b_part + sample * n_p + pid_p, tl.sum(colsum * colsum))
         else:
             acc, colsum = _direct_loop(a_base, g_base, sa_t, sg_t, T, offs_d, offs_p, in_d, in_p,
-                                       False, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC)
+                                       False, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC, ROUND)
     else:
         acc, colsum = _direct_loop(a_base, g_base, sa_t, sg_t, T, offs_d, offs_p, in_d, in_p,
-                                   False, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC)
+                                   False, BLOCK_D, BLOCK_P, BLOCK_T, DOT_DTYPE, PREC, ROUND)
     tl.store(w_part + sample * (n_d * n_p) + pid, tl.sum(acc * acc))
 # fmt: on
