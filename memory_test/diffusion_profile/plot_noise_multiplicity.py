@@ -11,7 +11,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from memory_test.diffusion_profile.chart_io import finish
+from memory_test.diffusion_profile.chart_io import finish, setting_text
+from memory_test.diffusion_profile.result_tables import groups_where_varies
 
 GROUP_KEYS = ("device", "model", "image_size", "precision", "attention", "batch_size")
 
@@ -23,20 +24,11 @@ def k_groups(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     """
     if runs.empty:
         return []
-    ok = runs[runs["status"] == "ok"]
-    out = []
-    for values, df in ok.groupby(list(GROUP_KEYS), sort=True):
-        df = df[df.groupby("experiment")["noise_multiplicity"].transform("nunique") >= 2]
-        if not df.empty:
-            out.append((dict(zip(GROUP_KEYS, values)), df))
-    return out
+    return groups_where_varies(runs[runs["status"] == "ok"], GROUP_KEYS, "experiment", "noise_multiplicity")
 
 
 def _title(group: dict) -> str:
-    return (
-        f"{group['model']} {group['image_size']}px, {group['precision']}, {group['attention']} attention, "
-        f"B={group['batch_size']} images on {group['device']}"
-    )
+    return f"{setting_text(group)}, B={group['batch_size']} images on {group['device']}"
 
 
 def k_table(df: pd.DataFrame) -> pd.DataFrame:

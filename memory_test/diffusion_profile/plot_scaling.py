@@ -14,7 +14,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from memory_test.diffusion_profile.chart_io import finish
+from memory_test.diffusion_profile.chart_io import byte_unit, finish, setting_text
+from memory_test.diffusion_profile.result_tables import groups_where_varies
 
 GROUP_KEYS = ("hardware", "model", "image_size", "precision", "noise_multiplicity", "attention", "batch_size")
 STATE_PARTS = ("weights", "gradients", "optimizer_state")
@@ -25,12 +26,7 @@ def scaling_groups(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     if runs.empty or "scaling_family" not in runs:
         return []
     ok = runs[(runs["status"] == "ok") & runs["scaling_family"].notna()]
-    out = []
-    for values, df in ok.groupby(list(GROUP_KEYS), sort=True):
-        df = df[df.groupby("scaling_family")["world_size"].transform("nunique") >= 2]
-        if not df.empty:
-            out.append((dict(zip(GROUP_KEYS, values)), df))
-    return out
+    return groups_where_varies(ok, GROUP_KEYS, "scaling_family", "world_size")
 
 
 def scaling_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -44,16 +40,11 @@ def scaling_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _unit(t: pd.DataFrame) -> tuple[float, str]:
-    top = t["peak_bytes_max"].max(skipna=True)
-    return (2**30, "GiB") if pd.notna(top) and top >= 2**30 else (2**20, "MiB")
+    return byte_unit(float(t["peak_bytes_max"].max(skipna=True) or 0))
 
 
 def _title(group: dict) -> str:
-    k = group["noise_multiplicity"]
-    return (
-        f"{group['model']} {group['image_size']}px, {group['precision']}, {group['attention']} attention"
-        f"{f', K={k}' if k != 1 else ''}, B={group['batch_size']} per GPU on {group['hardware']}"
-    )
+    return f"{setting_text(group)}, B={group['batch_size']} per GPU on {group['hardware']}"
 
 
 def plot_scaling(df: pd.DataFrame, group: dict, out: Path) -> Path:

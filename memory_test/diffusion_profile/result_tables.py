@@ -108,6 +108,16 @@ def records_to_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs_df, max_df
 
 
+def groups_where_varies(ok: pd.DataFrame, keys, series: str, varying: str) -> list[tuple[dict, pd.DataFrame]]:
+    """(group, rows) per group of ``keys``, keeping the ``series`` whose rows span two or more ``varying`` values."""
+    out = []
+    for values, df in ok.groupby(list(keys), sort=True):
+        df = df[df.groupby(series)[varying].transform("nunique") >= 2]
+        if not df.empty:
+            out.append((dict(zip(keys, values)), df))
+    return out
+
+
 def add_vanilla_ratios(runs: pd.DataFrame) -> pd.DataFrame:
     """Columns mem_x_vanilla and time_x_vanilla: this run divided by vanilla at the same setting and batch size."""
     if runs.empty:

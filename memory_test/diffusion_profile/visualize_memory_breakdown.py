@@ -55,20 +55,12 @@ PART_COLORS = {
 # ----- formatting ---------------------------------------------------------------------------------------------
 
 
-def _unit(max_bytes: float) -> tuple[float, str]:
-    return (2**30, "GiB") if max_bytes >= 2 * 2**30 else (2**20, "MiB")
-
-
 def _slug(setting: dict) -> str:
     return chart_io.slug(setting[k] for k in SETTING_KEYS)
 
 
 def _title(setting: dict) -> str:
-    k = setting["noise_multiplicity"]
-    return (
-        f"{setting['model']} {setting['image_size']}px, {setting['precision']}, {setting['attention']} attention"
-        f"{f', K={k}' if k != 1 else ''} on {setting['device']}"
-    )
+    return f"{chart_io.setting_text(setting)} on {setting['device']}"
 
 
 def _fmt(v, spec: str) -> str:
@@ -101,7 +93,9 @@ def plot_breakdown(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
     if not batches:
         return None
     exps = _experiment_order(df)
-    scale, unit = _unit(float(pd.concat([df["total_bytes"], df["peak_reserved_bytes"]]).max(skipna=True) or 1))
+    scale, unit = chart_io.byte_unit(
+        float(pd.concat([df["total_bytes"], df["peak_reserved_bytes"]]).max(skipna=True) or 1)
+    )
     fig, axes = plt.subplots(1, len(batches), figsize=(max(6, 1.2 * len(exps) * len(batches) + 2), 5), squeeze=False)
     for ax, b in zip(axes[0], batches):
         sub = df[df["batch_size"] == b].set_index("experiment")
@@ -152,7 +146,7 @@ def _oom_marks(ax, df, exps, colors, xcol="batch_size"):
 def plot_peak_vs_batch(df: pd.DataFrame, setting: dict, out: Path) -> Path:
     exps = _experiment_order(df)
     colors = _colors(exps)
-    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1))
+    scale, unit = chart_io.byte_unit(float(df["total_bytes"].max(skipna=True) or 1))
     fig, ax = plt.subplots(figsize=(7, 5))
     for e in exps:
         ok = df[(df["experiment"] == e) & (df["status"] == "ok")]
@@ -199,7 +193,7 @@ def plot_time_vs_batch(df: pd.DataFrame, setting: dict, out: Path) -> Path:
 def plot_tradeoff(df: pd.DataFrame, setting: dict, out: Path) -> Path:
     exps = _experiment_order(df)
     colors = _colors(exps)
-    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1))
+    scale, unit = chart_io.byte_unit(float(df["total_bytes"].max(skipna=True) or 1))
     fig, ax = plt.subplots(figsize=(7, 5))
     for e in exps:
         ok = df[(df["experiment"] == e) & (df["status"] == "ok")].sort_values("batch_size")
@@ -277,7 +271,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def summary_section(df: pd.DataFrame, mb: pd.DataFrame, setting: dict, charts: list[Path]) -> str:
-    scale, unit = _unit(float(df["total_bytes"].max(skipna=True) or 1)) if not df.empty else (2**20, "MiB")
+    scale, unit = chart_io.byte_unit(float(df["total_bytes"].max(skipna=True) or 1)) if not df.empty else (2**20, "MiB")
     lines = [f"## {_title(setting)}", ""]
     if not df.empty:
         t = pd.DataFrame(
