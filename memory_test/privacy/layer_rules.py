@@ -199,7 +199,8 @@ class LinearLikeRule:
         return grads
 
     def stack_key(self, module, use) -> tuple | None:
-        """Linears with equal keys can share ``stacked_clipped_grads``; None: this layer is clipped on its own."""
+        """Linears with equal keys can share ``stacked_sq_norms`` and ``stacked_clipped_grads``; None: this layer is
+        normed and clipped on its own."""
         A, G = use.inputs[0], use.grad_output
         weight, bias = module.weight, module.bias
         if G is None or type(module) is not nn.Linear:
@@ -298,12 +299,12 @@ class MaterializedRule:
         }
 
 
-LINEAR_RULE = _LINEAR = LinearLikeRule()
+LINEAR_RULE = LinearLikeRule()
 _CONV2D = Conv2dRule()
 _EMBEDDING = EmbeddingRule()
 
 # Exact type -> rule; subclasses may override forward, so they are not assumed to share their parent's math.
-SPECIALISED_RULES = {nn.Linear: _LINEAR, nn.Conv2d: _CONV2D, nn.Embedding: _EMBEDDING}
+SPECIALISED_RULES = {nn.Linear: LINEAR_RULE, nn.Conv2d: _CONV2D, nn.Embedding: _EMBEDDING}
 
 
 def layer_type(module: nn.Module) -> type:
