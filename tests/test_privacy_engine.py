@@ -224,7 +224,7 @@ def test_describe_layers_counts_block0_embedder_reuse_and_paths():
     assert layers["model.transformer_blocks.1.norm1.emb.timestep_embedder.linear_1"]["uses"] == 1
     assert layers["model.transformer_blocks.1.norm1.linear"]["norm_path"] == "outer"
     assert layers["model.transformer_blocks.0.attn1.to_q"]["rows_per_sample"] == 4  # (4/2)² patches
-    assert layers["model.pos_embed.proj"]["norm_path"] == "conv2d"
+    assert layers["model.pos_embed.proj"]["norm_path"] == "conv"
     assert sum(d["trainable_params"] for d in layers.values()) == sum(p.numel() for p in model.parameters())
 
 

@@ -71,6 +71,8 @@ class EpsilonMSECriterion:
         K = self.noise_multiplicity
         if pred.shape[0] % K:
             raise ValueError(f"{pred.shape[0]} rows are not a multiple of the noise multiplicity K={K}")
-        # fp32 accumulation: under bf16 autocast a mean over 4*32*32 elements loses digits the clipping depends on.
-        per_row = (pred.float() - eps.float()).pow(2).flatten(1).mean(1)
+        # At least fp32: under bf16 autocast a mean over 4*32*32 elements loses digits the clipping depends on;
+        # float64 inputs stay float64 (exactness tests compare to 1e-9).
+        dtype = torch.promote_types(torch.promote_types(pred.dtype, eps.dtype), torch.float32)
+        per_row = (pred.to(dtype) - eps.to(dtype)).pow(2).flatten(1).mean(1)
         return per_row.view(-1, K).mean(1)

@@ -2,17 +2,30 @@
 
 from .describe import describe_layers
 from .engine import PrivacyEngine
-from .errors import CriterionError, PrivacyConfigError, SharedParameterError, UnsupportedLayerError
+from .errors import (
+    CoverageError,
+    CriterionError,
+    LayoutError,
+    NonFiniteSampleError,
+    PrivacyConfigError,
+    PrivacyParameterError,
+    SharedParameterError,
+    UnsupportedLayerError,
+)
 from .grad_sample_module import DPGradSampleModule
 from .modes import MODES, Mode, resolve_mode, valid_mode_names
 
 __all__ = [
     "MODES",
+    "CoverageError",
     "CriterionError",
     "DPGradSampleModule",
+    "LayoutError",
     "Mode",
+    "NonFiniteSampleError",
     "PrivacyConfigError",
     "PrivacyEngine",
+    "PrivacyParameterError",
     "SharedParameterError",
     "UnsupportedLayerError",
     "describe_layers",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer_rules import LinearLikeRule, rule_for
+from .layer_rules import LinearLikeRule
 from .modes import resolve_mode
 from .norm_backends import NORM_BACKENDS
+from .rules import rule_for
 
 
 def describe_layers(module: nn.Module, mode_name: str, example_inputs: tuple | None = None) -> list[dict]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from itertools import chain
 
 import opacus
 import torch
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from .errors import PrivacyConfigError
@@ -15,7 +18,8 @@ from .grad_sample_module import DPGradSampleModule
 from .loss import DPLoss
 from .modes import BOOKKEEPING, MODES, UPSTREAM_PASSTHROUGH, Mode, resolve_mode
 from .norm_backends import NORM_BACKENDS
-from .optimizer import FusedDPOptimizer
+from .optimizer import FusedDPOptimizer, GuardedFSDPOptimizer
+from .validation import check_privacy_parameters, check_target
 
 # Mode.sharding -> the wrapped-model class that implements it.
 GSM_CLASSES = {None: DPGradSampleModule, "fsdp": FSDPDPGradSampleModule}
@@ -47,6 +51,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
         rand_on_empty: bool = False,
         **kwargs,
     ):
+        check_privacy_parameters(noise_multiplier, max_grad_norm)
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: this run adds no noise and is not private (epsilon = inf)", stacklevel=2)
         if grad_sample_mode in UPSTREAM_PASSTHROUGH:
             dp_loss = DPLoss(criterion, module=None, strategy="upstream_hooks", loss_reduction=loss_reduction)
             model, optimizer, data_loader = super().make_private(
@@ -108,13 +115,30 @@ class PrivacyEngine(opacus.PrivacyEngine):
             **kwargs,
         )
         optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+        optimizer.health = model.step_health
         dp_loss.module = model
         return model, optimizer, dp_loss, data_loader
+
+    def make_private_with_epsilon(self, *args, target_epsilon, target_delta, **kwargs):
+        """Opacus' ``make_private_with_epsilon`` with epsilon and delta validated first (sigma comes from them)."""
+        check_target(target_epsilon, target_delta)
+        return super().make_private_with_epsilon(
+            *args, target_epsilon=target_epsilon, target_delta=target_delta, **kwargs
+        )
+
+    def get_epsilon(self, delta):
+        """Epsilon spent so far; infinite once any step ran without noise (noise_multiplier = 0)."""
+        if any(entry[0] == 0 for entry in getattr(self.accountant, "history", [])):
+            return math.inf
+        return super().get_epsilon(delta)
 
     def _prepare_optimizer(
         self, *, optimizer, grad_sample_mode="hooks", distributed=False, clipping="flat", noise_generator=None, **kwargs
     ):
-        """Single-process modes of ours get FusedDPOptimizer (Opacus' ghost optimizer with fused loops)."""
+        """Our modes get FusedDPOptimizer (single process) or GuardedFSDPOptimizer (sharded)."""
+        if grad_sample_mode == "ghost_fsdp" and distributed and clipping == "flat":
+            generator = self.secure_rng if self.secure_mode else noise_generator
+            return GuardedFSDPOptimizer(optimizer, generator=generator, secure_mode=self.secure_mode, **kwargs)
         if grad_sample_mode != "ghost" or distributed or clipping != "flat":
             return super()._prepare_optimizer(
                 optimizer=optimizer,
@@ -130,7 +154,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
     def _prepare_dp_module(self, module: nn.Module, mode: Mode, *, max_grad_norm, loss_reduction, batch_first):
         if isinstance(module, opacus.grad_sample.AbstractGradSampleModule):
             raise PrivacyConfigError("pass the plain nn.Module to make_private, not an already wrapped one")
-        self.validate(module=module, optimizer=None, data_loader=None)
+        _validate_module(module)
         return GSM_CLASSES[mode.sharding](
             module,
             norm_backend=NORM_BACKENDS[mode.norm](),
@@ -138,6 +162,17 @@ class PrivacyEngine(opacus.PrivacyEngine):
             batch_first=batch_first,
             loss_reduction=loss_reduction,
             max_grad_norm=max_grad_norm,
+        )
+
+
+def _validate_module(module: nn.Module) -> None:
+    """Opacus' module validators, except its train-mode requirement (the engine records norms in eval mode too)."""
+    errors = [e for e in ModuleValidator.validate(module, strict=False) if "training mode" not in str(e)]
+    if errors:
+        raise PrivacyConfigError(
+            "modules incompatible with per-sample clipping: "
+            + "; ".join(str(e) for e in errors)
+            + ". opacus.validators.ModuleValidator.fix(model) replaces most of them (e.g. BatchNorm by GroupNorm)."
         )
 
 

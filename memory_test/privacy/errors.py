@@ -15,3 +15,19 @@ class SharedParameterError(PrivacyConfigError):
 
 class CriterionError(PrivacyConfigError):
     """A criterion that does not return per-sample losses of shape (B,) or lacks ``reduction``."""
+
+
+class LayoutError(PrivacyConfigError):
+    """A layer whose rows are not grouped by sample (sequence-first without detection, batch-independent input)."""
+
+
+class CoverageError(PrivacyConfigError):
+    """A trainable parameter that reaches the loss by a path no per-sample rule sees (e.g. a functional tie)."""
+
+
+class PrivacyParameterError(PrivacyConfigError):
+    """An invalid noise multiplier, clipping bound, target epsilon or delta."""
+
+
+class NonFiniteSampleError(RuntimeError):
+    """A step in which some samples' gradients were NaN or infinite: refused before noise and accounting."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Partial
 
-from .errors import PrivacyConfigError
+from .errors import LayoutError, PrivacyConfigError
 from .grad_sample_module import DPGradSampleModule
 
 # Names of the nn.ModuleList holding transformer blocks: each block becomes its own FSDP2 unit.
@@ -111,6 +111,29 @@ class FSDPDPGradSampleModule(DPGradSampleModule):
             raise PrivacyConfigError("sharded modes implement the book-keeping strategy only")
         super().__init__(m, **kwargs)
         self.world_size = dist.get_world_size()
+        self._layout_done_everywhere = False
+
+    def _run_layout_check(self, args, kwargs, rows: int) -> None:
+        """Every rank runs the check's probe forwards (each all-gathers) until every rank has verified its layers,
+        and a layout error on any rank stops all of them."""
+        if self._layout_done_everywhere:
+            return
+        if not self._any_rank(self._layout.pending):
+            self._layout_done_everywhere = True
+            return
+        error = None
+        try:
+            self._layout.run(self, args, kwargs, rows, always_forward=True)
+        except LayoutError as exc:
+            error = exc
+        if self._any_rank(error is not None):
+            raise error or LayoutError("the engine's layout check failed on another rank (its error says why)")
+
+    def _any_rank(self, flag: bool) -> bool:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def record_norms(self, loss_per_sample: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
         """As the base; an empty local batch still runs the backward, because FSDP2's backward all-gathers."""

@@ -10,14 +10,19 @@ weight-gradient GEMMs are skipped by autograd itself (``needs_input_grad`` is Fa
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
-from .errors import SharedParameterError, UnsupportedLayerError
-from .layer_rules import LINEAR_RULE, ClipCoefficients, LinearLikeRule, Use, rule_for
+from .coverage import uncovered_parameters
+from .errors import CoverageError, LayoutError, PrivacyConfigError, SharedParameterError, UnsupportedLayerError
+from .layer_rules import LINEAR_RULE, ClipCoefficients, LinearLikeRule, Use
+from .layout_check import LayoutCheck, batch_rows
+from .rules import lookup, supported_layer_names
 from .step_cache import StepCache
+from .step_health import StepHealth
 
 
 class _Tap(torch.autograd.Function):
@@ -43,7 +48,7 @@ class _Tap(torch.autograd.Function):
 STACK_BYTES = 32 << 20
 
 # Layers whose matmul autocast runs in lower precision: their input is cast before the layer (see _cast_input).
-_AUTOCAST_LOWERED = (nn.Linear, nn.Conv2d)
+_AUTOCAST_LOWERED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 class _LayerState:
@@ -56,6 +61,7 @@ class _LayerState:
         self.done = False
         self.group = None  # InputGroup when this Linear shares its input with others (q, k, v)
         self.groupable = type(rule) is LinearLikeRule
+        self.batch_dim: int | None = None  # set by the layout check; None: not verified (yet)
         self._own_params = list(module.parameters(recurse=False))  # looked up once, not per step
 
     def params(self):
@@ -95,6 +101,21 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._sq_norm: torch.Tensor | None = None
         self._n = 0
         self._per_sample_gradient_norms = None
+        self._rows: int | None = None  # R: rows of the batch of the latest recorded forward
+        self._in_backward = False
+        self._layout = LayoutCheck(self._states)
+        self.step_health = StepHealth()  # read by the optimizer before it noises and steps
+        self._params = dict(m.named_parameters())
+        self._trainable = self._trainable_flags()
+        self._owner = {id(p): s for s in self._states for p in s._own_params}
+        self._param_names = {id(p): name for name, p in self._params.items()}
+        self._batch_norms = [
+            (n, mod)
+            for n, mod in m.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._NormBase)
+            and not isinstance(mod, nn.modules.instancenorm._InstanceNorm)
+        ]
+        self._covered_structure = None  # use counts of the last forward whose graph passed the coverage walk
 
     # ----- set-up -------------------------------------------------------------------------------------------
     @staticmethod
@@ -116,35 +137,104 @@ class DPGradSampleModule(AbstractGradSampleModule):
             )
         states, unsupported = [], []
         for module, name in names.items():
-            rule = rule_for(module)
+            rule, why = lookup(module)
             if rule is None:
-                unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+                unsupported.append(f"{name or '<root>'} ({why})")
             else:
                 states.append(_LayerState(name, module, rule))
         if unsupported:
             raise UnsupportedLayerError(
                 "these trainable layers have no exact per-sample clipping rule: "
-                + ", ".join(unsupported)
-                + ". Freeze them (requires_grad_(False)), replace them with supported layers (Linear, Conv2d, "
-                "Embedding, LayerNorm, GroupNorm, RMSNorm, ...), or use grad_sample_mode='hooks'."
+                + "; ".join(unsupported)
+                + ". Freeze them (requires_grad_(False)) or replace them with supported layers ("
+                + ", ".join(supported_layer_names())
+                + "); trainable parameters held directly by a container module are not supported."
             )
         return states
 
+    def _trainable_flags(self) -> tuple:
+        return tuple(p.requires_grad for p in self._params.values())
+
+    # ----- forward ------------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and self.hooks_enabled:
+            self._check_no_batch_statistics()
+            self._rows = rows = batch_rows(args, kwargs)
+            self._run_layout_check(args, kwargs, rows)
+        return self._module(*args, **kwargs)
+
+    def _run_layout_check(self, args, kwargs, rows: int) -> None:
+        if self._layout.pending:
+            self._layout.run(self, args, kwargs, rows)
+
+    def _check_no_batch_statistics(self) -> None:
+        """BatchNorm normalising with batch statistics mixes samples (frozen or not): no per-sample gradient."""
+        mixing = [name for name, m in self._batch_norms if m.training or not m.track_running_stats]
+        if mixing:
+            raise PrivacyConfigError(
+                f"{', '.join(mixing)} normalise with batch statistics, which mixes samples: per-sample gradients "
+                "do not exist. Replace BatchNorm with GroupNorm (opacus.validators.ModuleValidator.fix), or put it "
+                "in eval mode with running statistics."
+            )
+
+    @contextmanager
+    def hooks_off(self):
+        """Run the model with the DP hooks disabled (the layout check's probe forwards)."""
+        previous, self.hooks_enabled = self.hooks_enabled, False
+        try:
+            yield
+        finally:
+            self.hooks_enabled = previous
+
     def _make_forward_hook(self, state: _LayerState):
         def hook(module, inputs, output):
-            if not (module.training and torch.is_grad_enabled() and self.hooks_enabled):
+            # Recorded whatever module.training says: eval changes dropout and statistics, not who gets gradient.
+            if not (torch.is_grad_enabled() and self.hooks_enabled):
                 return None
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{state.name}: DP taps need a tensor output, got {type(output).__name__}")
-            use = Use(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs))
+            if self._in_backward:
+                # Non-reentrant activation checkpointing recomputes saved tensors here; gradients still flow through
+                # the original forward's taps. (Reentrant checkpointing is refused by the coverage walk.)
+                return None
+            bd = self._batch_dim(state, inputs[0])
+            use = Use(tuple(_sample_first(x.detach(), bd) if i == 0 else _detach(x) for i, x in enumerate(inputs)))
+            use.batch_dim = bd
             use.held = self._cache.hold(use.tensors())
             state.uses.append(use)
             state.pending += 1
             if state.groupable and state.group is None:
                 state.group = self._cache.group_for(inputs[0], state)
-            return _Tap.apply(output, self._anchor, self, state, use)
+            tapped = _Tap.apply(output, self._anchor, self, state, use)
+            _mark_boundary(use, inputs, tapped.grad_fn)
+            return tapped
 
         return hook
+
+    def _batch_dim(self, state: _LayerState, x) -> int:
+        """The layer's verified batch dimension; its size must hold whole rows of every one of the R batch rows."""
+        bd = state.batch_dim
+        rows = self._rows
+        if rows is None:
+            raise PrivacyConfigError(
+                f"{state.name} ran with DP hooks outside the wrapped model's forward: call the model that "
+                "make_private returned, not its inner module"
+            )
+        if rows <= 1:
+            return bd or 0  # no rows, or one row that is one sample: every grouping of the rows is the right one
+        if bd is None:
+            raise LayoutError(
+                f"{state.name} ({type(state.module).__name__}) was not run by the engine's layout check (the model "
+                "in eval mode on a few rows of the first batch), so which rows belong to which sample is unverified. "
+                "A trainable layer that runs only in training mode or only for some inputs is not supported; freeze it."
+            )
+        if isinstance(x, torch.Tensor) and (x.dim() <= bd or x.shape[bd] % rows):
+            size = "no batch dimension" if x.dim() <= bd else f"{x.shape[bd]} rows in dimension {bd}"
+            raise LayoutError(
+                f"{state.name} ({type(state.module).__name__}) got {size}, not a multiple of the batch's {rows} "
+                "rows: its input does not carry the batch, so its rows cannot be assigned to samples"
+            )
+        return bd
 
     def _cast_input(self, module, inputs):
         """Under autocast, cast a Linear/Conv2d input to the autocast dtype before the layer, not inside it.
@@ -153,7 +243,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
         caches instead of BK holding the fp32 input beside autograd's copy, and q, k, v share one cast.
         """
         x = inputs[0] if inputs else None
-        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and module.training and self.hooks_enabled):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and self.hooks_enabled):
             return None
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
@@ -191,7 +281,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._cache.peak_bytes = self._cache.bytes
 
     def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
-        use.grad_output = grad
+        use.grad_output = _sample_first(grad, use.batch_dim)
         use.held += self._cache.hold((grad,))
         state.pending -= 1
         if state.pending == 0:
@@ -262,22 +352,58 @@ class DPGradSampleModule(AbstractGradSampleModule):
     def record_norms(self, loss_per_sample: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
         """Backward of sum_i loss_i that only records per-sample norms; returns clipping coefficients (n,)."""
         self._n = n = loss_per_sample.shape[0]
+        self._check_coverage(loss_per_sample)
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
         self._deferred = []
-        self._recording_backward = True
+        self._recording_backward = self._in_backward = True
         try:
             if n > 0:
                 torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
         finally:
-            self._recording_backward = False
+            self._recording_backward = self._in_backward = False
         self._finish_deferred()
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
                 self._finish_layer(state, allow_group=False)
         norms = self._sq_norm.sqrt()
         self._per_sample_gradient_norms = norms
+        self.step_health.note_norms(norms)
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def _check_coverage(self, loss_per_sample: torch.Tensor) -> None:
+        """Refuse before any gradient exists if a trainable parameter reaches the loss unseen by the rules."""
+        if self._trainable_flags() != self._trainable:
+            changed = [n for (n, p), was in zip(self._params.items(), self._trainable) if p.requires_grad != was]
+            raise CoverageError(
+                f"requires_grad changed after make_private for {', '.join(changed[:5])}: the engine chose its "
+                "per-layer rules for the parameters trainable then. Set requires_grad before make_private."
+            )
+        structure = tuple(len(s.uses) for s in self._states)
+        if structure == self._covered_structure or loss_per_sample.grad_fn is None:
+            return
+        taps = {id(u.refs[0]): (s, u) for s in self._states for u in s.uses if u.refs}
+        problems = uncovered_parameters(loss_per_sample.grad_fn, taps, self._owner, self._param_names)
+        if problems:
+            raise CoverageError(
+                "trainable parameters reach the loss outside the forward of the module that owns them, where no "
+                "per-sample rule sees them: "
+                + "; ".join(problems)
+                + ". Use the parameter only through its module (reuse the module object instead of reading its "
+                "weight), or freeze it (requires_grad_(False))."
+            )
+        self._covered_structure = structure
+
+    def abandon_step(self, error: BaseException) -> None:
+        """A backward raised: drop every cache and make the optimizer refuse the step."""
+        self._recording_backward = self._in_backward = False
+        self._deferred = []
+        self.step_health.note_failure(error)
+        for state in self._states:
+            self._release(state)
+            state.done = False
+        self._cache.reset()
+        self._sq_norm = None
 
     def write_clipped_grads(self, coef: torch.Tensor):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes.
@@ -349,3 +475,22 @@ class DPGradSampleModule(AbstractGradSampleModule):
         """'triton' or 'torch': what computes the Linear norms for this model's device and parameter dtype."""
         p = next(self._module.parameters())
         return self.norm_backend.kernel_backend(p.device, p.dtype)
+
+
+def _detach(x):
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _sample_first(x, bd: int):
+    """The layer's tensor with its batch dimension moved first (a view; rules then see (N, ..., f))."""
+    return x.movedim(bd, 0) if bd and isinstance(x, torch.Tensor) else x
+
+
+def _mark_boundary(use: Use, inputs: tuple, tap_node) -> None:
+    """What the coverage walk needs: the tap node and the nodes (or leaf tensors) the layer's inputs come from."""
+    refs = [tap_node]
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            refs.append(x.grad_fn if x.grad_fn is not None else x)
+    use.refs = tuple(refs)
+    use.boundary = frozenset(id(r) for r in refs[1:])

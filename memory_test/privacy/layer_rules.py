@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from opacus.grad_sample import GradSampleModule
-from torch.distributed.fsdp import FSDPModule
+
+from .errors import LayoutError
 
 
 @dataclass(slots=True)
@@ -26,9 +25,12 @@ class Use:
     inputs: tuple
     grad_output: torch.Tensor | None = None
     held: list = field(default_factory=list)  # StepCache keys of the storages this use references
+    batch_dim: int = 0  # where the samples are in the layer's own tensors (inputs above are moved sample-first)
+    boundary: frozenset = frozenset()  # ids of the input nodes / leaf inputs (coverage walk)
+    refs: tuple = ()  # keeps the nodes and tensors behind ``boundary`` (and the tap node) alive during the step
 
     def release(self) -> None:
-        self.inputs, self.grad_output, self.held = (), None, []
+        self.inputs, self.grad_output, self.held, self.refs = (), None, [], ()
 
     def tensors(self) -> list[torch.Tensor]:
         held = [t for t in self.inputs if isinstance(t, torch.Tensor)]
@@ -41,10 +43,19 @@ def _trainable(param: torch.Tensor | None) -> bool:
     return param is not None and param.requires_grad
 
 
+def check_rows(rows: int, n: int) -> None:
+    """A layer's batch dimension must hold K whole rows per per-sample loss."""
+    if n == 0 or rows % n:
+        raise LayoutError(f"a layer saw {rows} rows, not a multiple of the {n} per-sample losses")
+
+
 def _per_sample_rows(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(n*K, ..., f) -> (n, K*..., f): the rows of each sample, contiguous in sample-major order."""
-    if x.shape[0] % n:
-        raise ValueError(f"a layer saw {x.shape[0]} rows, not a multiple of the {n} per-sample losses")
+    """(n*K, ..., f) -> (n, K*..., f): the rows of each sample, contiguous in sample-major order.
+
+    The engine's layout check has verified that dimension 0 (after moving the layer's batch dimension there) holds
+    each sample's rows as one contiguous block, so the reshape groups exactly one sample's rows.
+    """
+    check_rows(x.shape[0], n)
     return x.reshape(n, -1, x.shape[-1])
 
 
@@ -86,11 +97,21 @@ class ClipCoefficients:
         return scaled
 
 
+def weight_and_bias_grads(weight, gw, bias, gb) -> dict:
+    """{parameter: clipped gradient in its own shape and dtype} for the parts that were computed."""
+    grads = {}
+    if gw is not None:
+        grads[weight] = gw.reshape(weight.shape).to(weight.dtype)
+    if gb is not None:
+        grads[bias] = gb.to(bias.dtype)
+    return grads
+
+
 def as_coefficients(coef) -> ClipCoefficients:
     return coef if isinstance(coef, ClipCoefficients) else ClipCoefficients(coef)
 
 
-def _matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Lowest-precision floating dtype among the operands: the dtype autocast's own weight-gradient GEMM uses."""
     return min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
 
@@ -99,6 +120,15 @@ class LinearLikeRule:
     """Layers whose per-sample gradient is G_iᵀ A_i over rows (Linear; Conv2d after unfolding)."""
 
     name = "linear"
+    batch_dims = (0, 1)  # (N, ..., f) or sequence-first (T, N, f): rows are moved sample-first
+
+    @staticmethod
+    def supports(module) -> str | None:
+        return None
+
+    def fold(self, per_row_sample: torch.Tensor, module, n: int) -> torch.Tensor:
+        """Per-(row-block) squared norms -> per-sample (Conv2d groups are extra row blocks of one sample)."""
+        return per_row_sample
 
     def weight_and_bias(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         return module.weight, module.bias
@@ -119,7 +149,7 @@ class LinearLikeRule:
         total = w_sq if _trainable(weight) else torch.zeros_like(w_sq)
         if b_sq is not None:
             total = total + b_sq
-        return total, path
+        return self.fold(total, module, n), path
 
     def group_sq_norms(self, modules, uses, n, backend) -> list[tuple[torch.Tensor, str]]:
         """Linears fed one input (one use each): the backend may share the input's Gram across them."""
@@ -143,7 +173,7 @@ class LinearLikeRule:
             if w_on:
                 # Σ_i c_i G_iᵀA_i: the coefficients scale the rows of whichever operand is smaller (a temporary
                 # of min(d, p) columns), and the GEMM replaces the weight-gradient GEMM the backward skipped.
-                dtype = A.dtype if A.dtype == G.dtype else _matmul_dtype(A, G)
+                dtype = A.dtype if A.dtype == G.dtype else matmul_dtype(A, G)
                 lhs, rhs = (G, clip.scale(A)) if d <= p else (clip.scale(G), A)
                 g = lhs.reshape(-1, p).to(dtype).t() @ rhs.reshape(-1, d).to(dtype)
                 gw = g if gw is None else gw + g
@@ -151,12 +181,7 @@ class LinearLikeRule:
                 G2 = G.reshape(-1, p)
                 g = clip.per_row(G.shape[1], G2) @ G2
                 gb = g if gb is None else gb + g
-        grads = {}
-        if gw is not None:
-            grads[weight] = gw.reshape(weight.shape).to(weight.dtype)
-        if gb is not None:
-            grads[bias] = gb.to(bias.dtype)
-        return grads
+        return weight_and_bias_grads(weight, gw, bias, gb)
 
     def stacked_sq_norms(self, modules, uses, n, backend) -> tuple[torch.Tensor, str]:
         """Σ of ``sq_norm`` over same-shape Linears (one use each) in one backend call: every layer's samples
@@ -184,7 +209,7 @@ class LinearLikeRule:
         L, d, p = A.shape[0], A.shape[-1], G.shape[-1]
         grads = {}
         if _trainable(weight):
-            dtype = A.dtype if A.dtype == G.dtype else _matmul_dtype(A, G)
+            dtype = A.dtype if A.dtype == G.dtype else matmul_dtype(A, G)
             # As clipped_grads: the smaller operand is scaled, by c in its own dtype; (n, 1, 1) broadcasts over L.
             if d <= p:
                 lhs, rhs = G, A * clip.like(pairs[0][0])
@@ -211,32 +236,24 @@ class LinearLikeRule:
         )  # fmt: skip
 
 
-class Conv2dRule(LinearLikeRule):
-    """Conv2d as a Linear over unfolded patches (DiT's patch embedding: kernel = stride, so unfold is a reshape)."""
-
-    name = "conv2d"
-
-    @staticmethod
-    def supports(module: nn.Conv2d) -> bool:
-        return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-
-    def rows(self, module, use, n):
-        x = use.inputs[0]
-        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, Cin*k*k, L)
-        G = use.grad_output.flatten(2)  # (N, Cout, L)
-        return _per_sample_rows(patches.transpose(1, 2), n), _per_sample_rows(G.transpose(1, 2), n)
-
-
 class EmbeddingRule:
     """nn.Embedding: per-sample gradient scatters G rows into the table rows they looked up."""
 
     name = "embedding"
+    batch_dims = (0, 1)
 
     @staticmethod
-    def supports(module: nn.Embedding) -> bool:
-        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+    def supports(module: nn.Embedding) -> str | None:
+        if module.max_norm is not None:
+            return "max_norm renormalises looked-up rows in place during the forward"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq scales gradients by batch-wide counts, which mixes samples"
+        if module.sparse:
+            return "sparse gradients are not supported"
+        return None
 
     def _rows(self, module, use, n):
+        check_rows(use.inputs[0].shape[0], n)
         idx = use.inputs[0].reshape(n, -1)
         G = use.grad_output.reshape(n, idx.shape[1], -1)
         if module.padding_idx is not None:  # padding rows receive no gradient in nn.Embedding
@@ -264,64 +281,4 @@ class EmbeddingRule:
         return {module.weight: table}
 
 
-class MaterializedRule:
-    """Any layer Opacus has a per-sample grad sampler for (LayerNorm, GroupNorm, RMSNorm, ...): small layers only.
-
-    Per-sample gradients are materialised (B x params) with upstream Opacus' own functions, read from its
-    registry without modifying it.
-    """
-
-    name = "materialized"
-
-    def __init__(self, grad_sampler):
-        self.grad_sampler = grad_sampler
-
-    def _per_sample(self, module, uses, n) -> dict:
-        summed = {}
-        for use in uses:
-            for p, gs in self.grad_sampler(module, list(use.inputs), use.grad_output).items():
-                if p.requires_grad:
-                    gs = gs.reshape(n, -1, *p.shape).sum(dim=1)  # K rows of a sample are one unit
-                    summed[p] = summed[p] + gs if p in summed else gs
-        return summed
-
-    def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
-        acc = backend.accumulate_dtype(uses[0].grad_output)
-        total = torch.zeros(n, dtype=acc, device=uses[0].grad_output.device)
-        for gs in self._per_sample(module, uses, n).values():
-            total += gs.reshape(n, -1).to(acc).pow(2).sum(dim=1)
-        return total, "materialized"
-
-    def clipped_grads(self, module, uses, n, coef) -> dict:
-        return {
-            p: torch.einsum("n,n...->...", as_coefficients(coef).values.to(gs.dtype), gs).to(p.dtype)
-            for p, gs in self._per_sample(module, uses, n).items()
-        }
-
-
 LINEAR_RULE = LinearLikeRule()
-_CONV2D = Conv2dRule()
-_EMBEDDING = EmbeddingRule()
-
-# Exact type -> rule; subclasses may override forward, so they are not assumed to share their parent's math.
-SPECIALISED_RULES = {nn.Linear: LINEAR_RULE, nn.Conv2d: _CONV2D, nn.Embedding: _EMBEDDING}
-
-
-def layer_type(module: nn.Module) -> type:
-    """The layer's own class: FSDP2's ``fully_shard`` swaps it for a subclass ``FSDP<cls>(FSDPModule, cls)``."""
-    cls = type(module)
-    if isinstance(module, FSDPModule) and cls.__bases__[0] is FSDPModule:
-        return cls.__bases__[1]
-    return cls
-
-
-def rule_for(module: nn.Module):
-    """The rule that handles ``module``, or None if this engine cannot clip its parameters exactly."""
-    cls = layer_type(module)
-    rule = SPECIALISED_RULES.get(cls)
-    if rule is not None and getattr(rule, "supports", lambda m: True)(module):
-        return rule
-    sampler = GradSampleModule.GRAD_SAMPLERS.get(cls)
-    if sampler is not None:  # e.g. grouped Conv2d: exact through materialised per-sample gradients
-        return MaterializedRule(sampler)
-    return None

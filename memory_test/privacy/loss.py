@@ -36,7 +36,11 @@ def two_pass_backward(gsm, loss_per_sample: torch.Tensor) -> None:
     """Ghost clipping: a norm-recording backward, then a backward of sum_i c_i * loss_i for the clipped sum."""
     coef = gsm.record_norms(loss_per_sample, retain_graph=True)
     if loss_per_sample.numel():
-        (coef.detach().to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
+        gsm._in_backward = True
+        try:
+            (coef.detach().to(loss_per_sample.dtype) * loss_per_sample).sum().backward()
+        finally:
+            gsm._in_backward = False
     gsm.end_step()
 
 
@@ -45,6 +49,20 @@ def bookkeeping_backward(gsm, loss_per_sample: torch.Tensor) -> None:
     coef = gsm.record_norms(loss_per_sample, retain_graph=False)
     gsm.write_clipped_grads(coef)
     gsm.end_step()
+
+
+def _guarded(backward):
+    """A DP backward that raised leaves no caches behind and makes the optimizer refuse the step."""
+
+    def run(gsm, loss_per_sample: torch.Tensor) -> None:
+        try:
+            backward(gsm, loss_per_sample)
+        except BaseException as exc:
+            gsm.abandon_step(exc)
+            raise
+
+    run.__doc__ = backward.__doc__
+    return run
 
 
 def upstream_hooks_backward(gsm, loss_per_sample: torch.Tensor) -> None:
@@ -61,7 +79,11 @@ def upstream_hooks_backward(gsm, loss_per_sample: torch.Tensor) -> None:
         break
 
 
-BACKWARDS = {TWO_PASS: two_pass_backward, BOOKKEEPING: bookkeeping_backward, "upstream_hooks": upstream_hooks_backward}
+BACKWARDS = {
+    TWO_PASS: _guarded(two_pass_backward),
+    BOOKKEEPING: _guarded(bookkeeping_backward),
+    "upstream_hooks": upstream_hooks_backward,
+}
 
 
 class DPLoss:

@@ -5,15 +5,54 @@ from __future__ import annotations
 import operator
 
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping, FSDPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from .validation import check_noise_std
 
 # Noise is drawn in flat chunks of at most this many elements: one kernel per chunk instead of one per parameter,
 # with a bounded temporary (512 MiB in fp32).
 NOISE_CHUNK_NUMEL = 1 << 27
 
 
-class FusedDPOptimizer(DPOptimizerFastGradientClipping):
+class StepGuards:
+    """What every optimizer of this package's modes checks before it noises, accounts and steps.
+
+    - the noise std is a finite number >= 0 (sigma and C are validated at make_private; this catches later edits);
+    - the backward passes since the last step were complete and every sample's gradient was finite
+      (``health``, the wrapped model's StepHealth);
+    - ``zero_grad()`` without ``set_to_none`` gives fresh gradients: Opacus marks the tensors it used with
+      ``_processed``, and zeroing in place keeps the mark on the same tensor, so the next step would refuse it.
+    """
+
+    health = None  # set by PrivacyEngine.make_private
+
+    def _guard_step(self) -> None:
+        check_noise_std(self._noise_std())
+        if self.health is not None:
+            self.health.check()
+
+    def _noise_std(self) -> float:
+        return float(getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm)
+
+    def zero_grad(self, set_to_none: bool = False):
+        super().zero_grad(set_to_none)
+        for p in self.params:
+            if p.grad is not None and hasattr(p.grad, "_processed"):
+                del p.grad._processed  # zeroed in place: a fresh gradient now
+        if self.health is not None:
+            self.health.clear()
+
+
+class GuardedFSDPOptimizer(StepGuards, FSDPOptimizerFastGradientClipping):
+    """Opacus' FSDP fast-gradient-clipping optimizer with this package's step guards."""
+
+    def add_noise(self):
+        self._guard_step()
+        super().add_noise()
+
+
+class FusedDPOptimizer(StepGuards, DPOptimizerFastGradientClipping):
     """``p.grad`` holds Σ_i c_i g_i; add N(0, (σC)²) to every parameter, divide by the expected batch, step.
 
     Differences from the parent are implementation only: the clipped sum is moved (not deep-copied) into
@@ -29,14 +68,15 @@ class FusedDPOptimizer(DPOptimizerFastGradientClipping):
                 p.summed_grad.add_(p.grad)
 
     def add_noise(self):
+        self._guard_step()
         if self.secure_mode:
             return super().add_noise()
         params = self.params
         grads = [p.summed_grad for p in params]
         for g in grads:
             _check_processed_flag(g)
-        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-        if std > 0:
+        std = self._noise_std()
+        if std > 0:  # std == 0 only for an explicit noise_multiplier=0 run, whose epsilon is reported as inf
             for lo, hi, numels in self._noise_chunks(params):
                 ref = grads[lo]
                 flat = torch.empty(sum(numels), device=ref.device, dtype=ref.dtype)
