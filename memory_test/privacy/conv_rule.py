@@ -38,6 +38,8 @@ class ConvRule(LinearLikeRule):
     """nn.Conv1d / nn.Conv2d: rows are output positions, features are the patches they read."""
 
     name = "conv"
+    summary = "a Linear over the patches read (padding applied first: zeros, reflect, replicate, circular, 'same')"
+    refuses = ""
     batch_dims = (0,)  # unfold needs (N, C, *spatial)
 
     @staticmethod

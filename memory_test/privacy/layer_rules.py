@@ -120,6 +120,8 @@ class LinearLikeRule:
     """Layers whose per-sample gradient is G_iᵀ A_i over rows (Linear; Conv2d after unfolding)."""
 
     name = "linear"
+    summary = "exact norms (Gram or direct, per backend) from cached A and G; clipped gradient (c⊙G)ᵀA"
+    refuses = ""
     batch_dims = (0, 1)  # (N, ..., f) or sequence-first (T, N, f): rows are moved sample-first
 
     @staticmethod
@@ -240,6 +242,8 @@ class EmbeddingRule:
     """nn.Embedding: per-sample gradient scatters G rows into the table rows they looked up."""
 
     name = "embedding"
+    summary = "exact: G rows of equal indices interact; clipped gradient scattered into the table"
+    refuses = "max_norm, scale_grad_by_freq, sparse"
     batch_dims = (0, 1)
 
     @staticmethod

@@ -19,6 +19,8 @@ class AffineNormRule:
     """Shared by the three norms; subclasses say how to normalise and which axes hold the parameters."""
 
     name = "affine_norm"
+    summary = "per-sample gradients materialised from the recomputed normalised input (weight, bias optional)"
+    refuses = ""
     batch_dims = (0, 1)
 
     @staticmethod

@@ -19,10 +19,12 @@ class MaterializedRule:
     """Any layer Opacus has an exact per-sample grad sampler for: small layers only."""
 
     name = "materialized"
+    summary = "Opacus' own per-sample grad sampler, materialised"
 
-    def __init__(self, layer_type: type, supports, batch_dims=(0,)):
+    def __init__(self, layer_type: type, supports, refuses: str = "", batch_dims=(0,)):
         self.grad_sampler = GradSampleModule.GRAD_SAMPLERS[layer_type]
         self._supports = supports
+        self.refuses = refuses
         self.batch_dims = batch_dims
 
     def supports(self, module) -> str | None:
@@ -71,10 +73,11 @@ def _always(module) -> str | None:
 
 
 # Layer type -> rule, for types with no rule of this package's own.
+_NO_RUNNING_STATS = "track_running_stats=True"
 OPACUS_SAMPLED = {
-    nn.Conv3d: MaterializedRule(nn.Conv3d, _conv3d),
-    nn.InstanceNorm1d: MaterializedRule(nn.InstanceNorm1d, _instance_norm),
-    nn.InstanceNorm2d: MaterializedRule(nn.InstanceNorm2d, _instance_norm),
-    nn.InstanceNorm3d: MaterializedRule(nn.InstanceNorm3d, _instance_norm),
+    nn.Conv3d: MaterializedRule(nn.Conv3d, _conv3d, "padding_mode other than zeros, string padding"),
+    nn.InstanceNorm1d: MaterializedRule(nn.InstanceNorm1d, _instance_norm, _NO_RUNNING_STATS),
+    nn.InstanceNorm2d: MaterializedRule(nn.InstanceNorm2d, _instance_norm, _NO_RUNNING_STATS),
+    nn.InstanceNorm3d: MaterializedRule(nn.InstanceNorm3d, _instance_norm, _NO_RUNNING_STATS),
     SequenceBias: MaterializedRule(SequenceBias, _always, batch_dims=(0, 1)),
 }
