@@ -105,7 +105,7 @@ def test_ctrl_c_leaves_no_partial_file_and_resume_completes(tmp_path):
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
     out.mkdir()
-    foreign = out / ".someone_elses_record.json.x1y2z3.tmp"  # another writer's in-flight file: not the sweep's to delete
+    foreign = out / ".someone_elses_record.json.x1y2z3.tmp"  # another writer's in-flight file: not the sweep's
     foreign.write_text("{")
     proc = subprocess.Popen(["bash", str(SWEEP), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120

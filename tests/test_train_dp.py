@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 import memory_test.diffusion_profile.train_dp as train_dp
-from memory_test.diffusion import latent_dataset as ld
 from memory_test.cli_common.errors import ToolError
+from memory_test.diffusion import latent_dataset as ld
 from memory_test.diffusion.vae import fit_scaling_factor, load_vae
 from memory_test.privacy.errors import PrivacyConfigError
 

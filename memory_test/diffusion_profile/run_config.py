@@ -22,7 +22,7 @@ INJECT_OOM_ENV = "MEMORY_TEST_INJECT_OOM_ABOVE_BATCH"
 
 
 class UsageError(ValueError):
-    """Bad input: reported on stderr, exit code 2, no record written."""
+    """Bad input: reported on stderr, exit code 2, no record written. A message may end in " — <what to do>"."""
 
 
 # ----- command line -------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def resolve_device(name: str):
         if not torch.cuda.is_available():
             raise UsageError(
                 f"--device {name} requested but no CUDA GPU is available (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda}); use --device cpu (or auto)"
+                f"CUDA build: {torch.version.cuda}) — use --device cpu (or auto)"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")

@@ -80,7 +80,7 @@ def _run(argv: list[str]) -> int:
     try:
         config, device, notices = validate(args)
     except UsageError as e:
-        raise ToolError(str(e), f"see `{TOOL} --help`") from None
+        raise ToolError(str(e), None if " — " in str(e) else f"see `{TOOL} --help`") from None
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
 

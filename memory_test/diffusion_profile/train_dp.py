@@ -170,7 +170,7 @@ def resolve_train_device(name: str) -> torch.device:
     try:
         return resolve_device(name)
     except UsageError as e:
-        raise ToolError(str(e)) from None
+        raise ToolError(str(e), None if " — " in str(e) else "use cpu, cuda or cuda:N") from None
 
 
 def open_latents(path: str) -> LatentDataset:
