@@ -244,7 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="pixels per side: a positive multiple of 8")
     p.add_argument("--vae", default=None, help="VAE weights directory or Hub id in the HF cache (default: SD VAE)")
     p.add_argument("--vae-config", default="sd", choices=sorted(VAE_CONFIGS))
-    p.add_argument("--random-vae", action="store_true", help="random VAE weights (tests only)")
+    p.add_argument("--random-vae", action="store_true", help="random VAE weights from --seed (tests only)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--mean", action="store_true", help="store the posterior mean instead of a sample")
     p.add_argument("--seed", type=int, default=0)
@@ -285,6 +285,8 @@ def _check_device(name: str) -> None:
 def _encode(a: argparse.Namespace) -> int:
     check_args(a)
     files, _, _ = list_image_folder(a.images)  # before the VAE is loaded: an empty folder fails at once
+    if a.random_vae:  # the same random weights on every run, so an interrupted run can be resumed
+        torch.manual_seed(a.seed)
     vae = load_vae(a.vae, allow_random_init=a.random_vae, config=a.vae_config, device=a.device)
     existed = Path(a.out).exists()
     out = precompute_latents(
