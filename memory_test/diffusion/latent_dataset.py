@@ -110,8 +110,8 @@ def _open_partial(partial: Path, settings: str) -> None:
             theirs = None
         if theirs != settings and any(partial.glob("chunk_*.safetensors")):
             raise FileExistsError(
-                f"{partial} belongs to a different pre-compute (other settings or VAE) — rerun with those settings "
-                f"to finish it, or delete {partial} to start over with these"
+                f"{partial} belongs to a different pre-compute (other settings or VAE, or an older version) — "
+                f"rerun with those settings to finish it, or delete {partial} to start over with these"
             )
     partial.mkdir(parents=True, exist_ok=True)
     atomic_write_text(manifest, json.dumps({"fingerprint": settings}))
