@@ -104,6 +104,9 @@ def test_ctrl_c_leaves_no_partial_file_and_resume_completes(tmp_path):
     args += ["--output-dir", str(out), "--no-plots"]
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
+    out.mkdir()
+    foreign = out / ".someone_elses_record.json.x1y2z3.tmp"  # another writer's in-flight file: not the sweep's
+    foreign.write_text("{")
     proc = subprocess.Popen(["bash", str(SWEEP), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.json")):  # interrupt during the 2nd configuration
@@ -115,7 +118,8 @@ def test_ctrl_c_leaves_no_partial_file_and_resume_completes(tmp_path):
     assert "rerun the same command to resume" in err.decode()
     left = statuses(out)
     assert left and set(left.values()) == {"ok"}  # only complete records
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p for p in out.iterdir() if p.name.startswith(".")] == [foreign]  # kept; none of the sweep's own left
+    foreign.unlink()
     r = sweep(args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count(" kept (") == len(left)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
 import memory_test.diffusion_profile.train_dp as train_dp
+from memory_test.cli_common.errors import ToolError
 from memory_test.diffusion import latent_dataset as ld
 from memory_test.diffusion.vae import fit_scaling_factor, load_vae
 from memory_test.privacy.errors import PrivacyConfigError
@@ -205,7 +206,7 @@ def test_resume_refuses_changed_privacy_settings(latents, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     _run(_args(latents, tmp_path, *RESUME, "--checkpoint", ckpt, "--max-steps", 2))
     changed = [a if a != 1.2 else 2.0 for a in RESUME]
-    with pytest.raises(ValueError, match="noise_multiplier: 1.2 -> 2.0"):
+    with pytest.raises(ToolError, match="noise_multiplier: 1.2 -> 2.0"):
         _run(_args(latents, tmp_path, *changed, "--checkpoint", ckpt, "--resume"))
 
 
@@ -213,9 +214,9 @@ def test_rgb_data_and_bad_delta_are_refused(latents, tmp_path):
     rgb = tmp_path / "rgb.safetensors"
     meta = {"format": ld.FORMAT, "fingerprint": "x", "classes": '["a"]', "image_size": "64"}
     save_file({"latents": torch.rand(20, 3, 64, 64), "labels": torch.zeros(20, dtype=torch.long)}, str(rgb), meta)
-    with pytest.raises(ValueError, match="look like RGB images. Encode them first"):
+    with pytest.raises(ToolError, match="look like RGB images: encode them first"):
         _run(["--latents", str(rgb), "--mode", MODE, "--noise-multiplier", "1", "--delta", "1e-3"])
-    with pytest.raises(ValueError, match=r"must be in \(0, 1/N\)"):
+    with pytest.raises(ToolError, match=r"must be in \(0, 1/N\)"):
         _run(["--latents", str(latents), "--mode", MODE, "--noise-multiplier", "1", "--delta", "0.01"])
 
 
@@ -227,9 +228,9 @@ def test_multi_gpu_mode_needs_torchrun(monkeypatch):
     train_dp.check_launch("ghost_fsdp_bk")  # launched as it should be
 
 
-def test_sharded_modes_are_refused_by_train_dp(latents):
-    with pytest.raises(SystemExit, match="trains single-device modes only"):
-        train_dp.main(["--latents", str(latents), "--mode", "flash_fsdp_bk", "--noise-multiplier", "1"])
+def test_sharded_modes_are_refused_by_train_dp(latents, capsys):
+    assert train_dp.main(["--latents", str(latents), "--mode", "flash_fsdp_bk", "--noise-multiplier", "1"]) == 2
+    assert "trains single-device modes only" in capsys.readouterr().err
 
 
 def test_single_process_mode_refuses_torchrun(monkeypatch):
@@ -249,7 +250,7 @@ class _Gain(torch.nn.Module):
         return x * self.gain
 
 
-def test_unsupported_layer_error_reaches_the_user(latents, tmp_path, monkeypatch):
+def test_unsupported_layer_error_reaches_the_user(latents, tmp_path, monkeypatch, capsys):
     real_build = train_dp.build_model
 
     class WithGain(torch.nn.Module):
@@ -261,8 +262,9 @@ def test_unsupported_layer_error_reaches_the_user(latents, tmp_path, monkeypatch
             return self.out(self.dit(x, t, y))
 
     monkeypatch.setattr(train_dp, "build_model", WithGain)
-    with pytest.raises(SystemExit, match=r"no exact per-sample clipping rule: out \(_Gain\)"):
-        train_dp.main(_args(latents, tmp_path, "--batch-size", 100, "--noise-multiplier", 1.0, "--max-steps", 1))
+    code = train_dp.main(_args(latents, tmp_path, "--batch-size", 100, "--noise-multiplier", 1.0, "--max-steps", 1))
+    err = capsys.readouterr().err
+    assert code == 2 and "no exact per-sample clipping rule: out (_Gain)" in err and "Traceback" not in err
 
 
 def test_hooks_mode_rejects_noise_multiplicity(latents, tmp_path):

@@ -134,6 +134,7 @@ def test_precompute_refuses_stale_partial_or_output(vae, digit_folder, tmp_path)
     partial = tmp_path / "y.safetensors.partial"
     partial.mkdir()
     (partial / "manifest.json").write_text('{"fingerprint": "other"}')
+    (partial / "chunk_000000.safetensors").write_bytes(b"finished work of that other pre-compute")
     with pytest.raises(FileExistsError, match="different pre-compute"):
         ld.precompute_latents(digit_folder, tmp_path / "y.safetensors", vae, 32, batch_size=16, progress=False)
 

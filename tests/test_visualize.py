@@ -100,7 +100,7 @@ def test_ratios_to_vanilla_and_oom_rows():
 def test_empty_or_missing_folder(tmp_path):
     assert viz.main(["--results-dir", str(tmp_path / "nope")]) == 2
     (tmp_path / "junk.json").write_text(json.dumps([1, 2]))
-    assert viz.main(["--results-dir", str(tmp_path)]) == 0
+    assert viz.main(["--results-dir", str(tmp_path)]) == viz.EXIT_SKIPPED  # junk.json was skipped
     assert "No valid records" in (tmp_path / "plots" / "summary.md").read_text()
 
 

@@ -113,14 +113,21 @@ def _load_weights(directory: Path, embedded_config: dict) -> AutoencoderKL:
     weights = next((directory / f for f in WEIGHT_FILES if (directory / f).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{directory} holds none of {', '.join(WEIGHT_FILES)}")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    vae = AutoencoderKL(**cfg)
-    vae.load_state_dict(_rename_deprecated_keys(state), strict=True)
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        vae = AutoencoderKL(**cfg)
+        vae.load_state_dict(_rename_deprecated_keys(state), strict=True)
+    except Exception as e:  # truncated file, foreign format, other architecture: say which file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{weights} cannot be loaded as this VAE's weights ({type(e).__name__}: {first}) — pass the directory of "
+            f"a complete {DEFAULT_REPOS['sd']} download (`hf download {DEFAULT_REPOS['sd']}`)"
+        ) from None
     return vae
 
 

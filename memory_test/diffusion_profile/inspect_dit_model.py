@@ -18,6 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from memory_test.cli_common.errors import ToolArgumentParser, ToolError, run_tool  # noqa: E402
+
 
 def count_uses(model, example_inputs) -> dict[str, int]:
     """Forward calls per module (by name) during one no-grad forward; > 1 means the module is reused."""
@@ -63,8 +65,34 @@ def describe(model, mode: str, example_inputs) -> tuple[list[dict], str]:
     return rows, "forward hooks only: the engine's describe_layers is not available, so no norm paths"
 
 
+TOOL = "inspect_dit_model.py"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag before the model is built: ToolError for the first bad one."""
+    for flag, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
+        if value is not None and value < 1:
+            raise ToolError(f"{flag} must be a positive integer, got {value}", f"see `{TOOL} --help`")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ToolError(f"--num-classes must be >= 1, got {args.num_classes}", f"see `{TOOL} --help`")
+    try:
+        from memory_test.privacy import resolve_mode
+    except ImportError:  # without the engine only forward uses are listed: any mode name will do
+        return
+    if args.mode == "hooks":
+        raise ToolError("--mode hooks is upstream Opacus: it has no norm paths", "pick one of the engine's modes")
+    try:
+        resolve_mode(args.mode)
+    except ValueError as e:
+        raise ToolError(f"--mode {args.mode!r}: {e}", "pick one of the engine's modes listed") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_tool(TOOL, lambda: _inspect(argv), bad_input=(ValueError,))
+
+
+def _inspect(argv: list[str] | None) -> int:
+    ap = ToolArgumentParser(prog=TOOL, description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DiT-XL/2", help="DiT preset, e.g. DiT-XL/2, DiT-B/2, DiT-tiny")
     ap.add_argument("--image-size", type=int, default=None, help="default: the model's")
     ap.add_argument("--num-classes", type=int, default=None)
@@ -72,18 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=2, help="rows of the example forward")
     ap.add_argument("--all", action="store_true", help="list every layer (default: block 0, one other block, head)")
     args = ap.parse_args(argv)
+    check_args(args)
 
     import torch
 
     from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
 
-    try:
-        model = DiTHuggingFaceWrapper(
-            model_name=args.model, img_size=args.image_size, num_classes=args.num_classes, pretrained=False
-        )
-    except ValueError as e:
-        print(f"inspect_dit_model.py: error: {e}", file=sys.stderr)
-        return 2
+    model = DiTHuggingFaceWrapper(
+        model_name=args.model, img_size=args.image_size, num_classes=args.num_classes, pretrained=False
+    )  # a bad --model/--image-size is a ValueError naming the fix: one line, exit 2
     s = model.sample_size
     gen = torch.Generator().manual_seed(0)
     inputs = (

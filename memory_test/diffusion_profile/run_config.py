@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from memory_test.cli_common.errors import ToolArgumentParser
 from memory_test.diffusion_profile import distributed_launch as dl
 from memory_test.diffusion_profile.dit_models import DIT_MODELS, build_dit_config, resolve_model_name
 from memory_test.profiling import records
@@ -21,17 +22,20 @@ INJECT_OOM_ENV = "MEMORY_TEST_INJECT_OOM_ABOVE_BATCH"
 
 
 class UsageError(ValueError):
-    """Bad input: reported on stderr, exit code 2, no record written."""
+    """Bad input: reported on stderr, exit code 2, no record written. A message may end in " — <what to do>"."""
 
 
 # ----- command line -------------------------------------------------------------------------------------------
 
 
-def build_parser(experiment_names: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(experiment_names: list[str], exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """The flags; ``exit_on_error=False`` raises (ToolError, argparse.ArgumentError) instead of exiting (the sweep
+    checks its pass-through values with this parser before it starts)."""
+    p = ToolArgumentParser(
         prog="single_experiment.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        exit_on_error=exit_on_error,
     )
     g = p.add_argument_group("experiment")
     g.add_argument("--experiment", required=True, choices=experiment_names, help="training mode")
@@ -109,7 +113,7 @@ def resolve_device(name: str):
         if not torch.cuda.is_available():
             raise UsageError(
                 f"--device {name} requested but no CUDA GPU is available (torch {torch.__version__}, "
-                f"CUDA build: {torch.version.cuda}); use --device cpu (or auto)"
+                f"CUDA build: {torch.version.cuda}) — use --device cpu (or auto)"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
@@ -165,10 +169,10 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         raise UsageError(f"--noise-multiplier must be a finite number >= 0, got {args.noise_multiplier}")
     if not (args.max_grad_norm > 0 and math.isfinite(args.max_grad_norm)):
         raise UsageError(f"--max-grad-norm must be a finite number > 0, got {args.max_grad_norm}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if not args.epochs > 0:
-        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise UsageError(f"--epochs must be a finite number > 0, got {args.epochs}")
     delta = args.delta if args.delta is not None else 1.0 / args.dataset_size
     if not 0 < delta < 1:
         raise UsageError(f"--delta must be in (0, 1), got {delta}")
@@ -248,6 +252,8 @@ def validate(args: argparse.Namespace) -> tuple[dict, object, list[str]]:
         "output": str(args.output),
     }
     notices = [notice] if notice else []
+    if exp.private and args.noise_multiplier == 0:
+        notices.append("--noise-multiplier 0 adds no noise: this configuration is not private (ε = ∞, null in JSON)")
     if args.nproc_per_node > 1 and requested.type == "cpu" and args.device == "auto" and not dl.is_worker():
         notices.append(f"no GPU: {args.nproc_per_node} CPU processes with gloo (pass --device cuda to require GPUs)")
     return config, device, notices
@@ -295,8 +301,9 @@ def privacy_block(config: dict) -> dict | None:
         "the benchmark itself feeds a fixed batch (no sampling), which does not change memory or time",
         "epsilon": None,
     }
-    if sigma == 0:
-        out["epsilon_note"] = "noise_multiplier 0: no privacy (ε is infinite)"
+    if sigma == 0:  # no noise: ε is infinite, which JSON cannot hold; null plus the reason, never a number
+        out["epsilon_infinite"] = True
+        out["epsilon_note"] = "noise_multiplier 0: no noise is added, so there is no privacy (ε is infinite)"
         return out
     accountant = PRVAccountant() if config["accountant"] == "prv" else RDPAccountant()
     accountant.history = [(sigma, q, steps)]

@@ -14,15 +14,23 @@ from memory_test.profiling import records
 # ----- one measured run ---------------------------------------------------------------------------------------
 
 
+# What allocators say when memory runs out: CUDA (caching allocator, cuBLAS, cuDNN) and the CPU allocator.
+OOM_MESSAGES = (
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+)
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in msg.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in msg or "CUDNN_STATUS_ALLOC_FAILED" in msg
-    )
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m.lower() in msg for m in OOM_MESSAGES)
 
 
 def _seed_everything(seed: int) -> None:

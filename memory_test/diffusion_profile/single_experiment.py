@@ -29,7 +29,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python single_experiment.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from memory_test.diffusion_profile import distributed_launch as dl
+from memory_test.cli_common.errors import ToolError, run_tool  # noqa: E402
+from memory_test.diffusion_profile import distributed_launch as dl  # noqa: E402
 from memory_test.diffusion_profile.max_batch_search import (  # noqa: E402,F401  (re-exported: tests, sweep)
     ProbeFailed,
     config_to_argv,
@@ -55,12 +56,19 @@ from memory_test.profiling import records
 
 # ----- entry point --------------------------------------------------------------------------------------------
 
+TOOL = "single_experiment.py"
+
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_tool(TOOL, lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the benchmark seeds its noise on purpose
@@ -68,13 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from memory_test.diffusion_profile.experiments import experiment_names
 
     parser = build_parser(experiment_names())
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         config, device, notices = validate(args)
     except UsageError as e:
-        print(f"{parser.prog}: error: {e} (see --help)", file=sys.stderr)
-        return records.EXIT_USAGE
+        raise ToolError(str(e), None if " — " in str(e) else f"see `{TOOL} --help`") from None
     for n in notices:
         print(f"note: {n}", file=sys.stderr)
 
@@ -88,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return records.EXIT_OK
     if dl.is_worker():  # one rank of a torchrun launch (started below, by the parent process)
         if args.find_max_batch:
-            print(f"{parser.prog}: error: --find-max-batch runs in the launching process", file=sys.stderr)
-            return records.EXIT_USAGE
+            raise ToolError("--find-max-batch runs in the launching process", "run it without torchrun")
         return dl.run_worker(config, device, report)
     if args.find_max_batch:
         rec, code = find_max_batch(config, device, args)

@@ -26,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from memory_test.cli_common.errors import ToolArgumentParser, ToolError, debug_enabled, run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_text, output_path_problem  # noqa: E402
 from memory_test.diffusion_profile import (
     chart_io,  # noqa: E402
     plot_scaling,  # noqa: E402
@@ -36,6 +38,7 @@ from memory_test.diffusion_profile.result_tables import (  # noqa: E402  (re-exp
     SETTING_KEYS,
     _select,
     add_vanilla_ratios,
+    drawable_records,
     markdown_table,
     max_batch_table,
     records_to_frames,
@@ -304,17 +307,56 @@ def summary_section(df: pd.DataFrame, mb: pd.DataFrame, setting: dict, charts: l
     return "\n".join(lines)
 
 
+TOOL = "visualize_memory_breakdown.py"
+EXIT_SKIPPED = 3  # charts and summary written, but some files or charts were left out (each named in a warning)
+EPILOG = (
+    "Exit codes: 0 every record drawn; 3 charts and summary.md written, but some files were skipped (corrupt, "
+    "foreign, or a field of the wrong type) or a chart could not be drawn, each named in a warning and in "
+    "summary.md; 2 bad input (nothing written); 1 unexpected failure (MEMORY_TEST_DEBUG=1 shows the traceback)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_tool(TOOL, lambda: _draw(argv))
+
+
+def _output_folder(args: argparse.Namespace, results: Path) -> Path:
+    """The charts' folder, created if needed; ToolError (before anything is deleted or drawn) if it cannot be."""
+    out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
+    why = output_path_problem(out_dir / "summary.md")
+    if why:
+        raise ToolError(f"--out-dir {out_dir}: {why}", "choose a folder you can write (--out-dir)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ToolError(f"--out-dir {out_dir} cannot be created ({e.strerror})", "choose another --out-dir") from None
+    return out_dir
+
+
+def _chart(fn, *args, warn):
+    """One chart; a failure (a record shape nobody anticipated) costs that chart only, with a warning."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        if debug_enabled():
+            raise
+        plt.close("all")
+        target = next(a.name for a in args if isinstance(a, Path))
+        warn(f"{target} not drawn ({fn.__name__}): {type(e).__name__}: {e}")
+        return None
+
+
+def _draw(argv: list[str] | None) -> int:
+    ap = ToolArgumentParser(prog=TOOL, description=__doc__.splitlines()[0], epilog=EPILOG)
     ap.add_argument("--results-dir", required=True, help="folder of JSON records (searched recursively)")
     ap.add_argument("--out-dir", default=None, help="where PNGs and summary.md go (default: <results-dir>/plots)")
     args = ap.parse_args(argv)
     results = Path(args.results_dir)
     if not results.is_dir():
-        print(f"visualize_memory_breakdown.py: error: --results-dir {results} is not a folder", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise ToolError(
+            f"--results-dir {results} is not a folder", "give the folder of JSON records (a sweep's --output-dir)"
+        )
+    out_dir = _output_folder(args, results)
     for old in out_dir.glob("*__*.png"):  # charts of an earlier run that this one may not redraw
         if old.name.split("__")[0] in CHART_KINDS:
             old.unlink()
@@ -324,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped.append(msg)
         print(f"warning: {msg}", file=sys.stderr)
 
-    recs = load_records(results, warn=warn)
+    recs = drawable_records(load_records(results, warn=warn), warn)
     runs, maxb = records_to_frames(recs)
     runs = add_vanilla_ratios(runs)
     gpu_mem = {run_device(r): r["env"].get("gpu_total_memory_bytes") for r in recs}
@@ -349,27 +391,30 @@ def main(argv: list[str] | None = None) -> int:
                 ("memory_time_tradeoff", plot_tradeoff),
                 ("ratio_to_vanilla", plot_ratio),
             ):
-                p = fn(df, setting, out_dir / f"{name}__{slug}.png")
+                p = _chart(fn, df, setting, out_dir / f"{name}__{slug}.png", warn=warn)
                 if p is not None:
                     charts.append(p)
         mbt = max_batch_table(df, mb_df)
         if mb_df.empty and mbt["first_oom"].isna().all():  # no search and nothing ran out: no limit to show
             mbt = mbt.iloc[0:0]
-        p = plot_max_batch(mbt, setting, out_dir / f"max_batch__{slug}.png")
+        p = _chart(plot_max_batch, mbt, setting, out_dir / f"max_batch__{slug}.png", warn=warn)
         if p is not None:
             charts.append(p)
         written += charts
         sections.append(summary_section(df, mbt, setting, charts))
     for group, df in nm.k_groups(runs):
         slug = chart_io.slug(group[k] for k in nm.GROUP_KEYS)
-        chart = nm.plot_k(df, group, out_dir / f"noise_multiplicity__{slug}.png", _colors(_experiment_order(df)))
-        written.append(chart)
-        sections.append(nm.k_section(df, group, chart, markdown_table))
+        colors = _colors(_experiment_order(df))
+        chart = _chart(nm.plot_k, df, group, out_dir / f"noise_multiplicity__{slug}.png", colors, warn=warn)
+        if chart is not None:
+            written.append(chart)
+            sections.append(nm.k_section(df, group, chart, markdown_table))
     for group, df in plot_scaling.scaling_groups(runs):
         slug = chart_io.slug(group[k] for k in plot_scaling.GROUP_KEYS)
-        chart = plot_scaling.plot_scaling(df, group, out_dir / f"scaling__{slug}.png")
-        written.append(chart)
-        sections.append(plot_scaling.scaling_section(df, group, chart, markdown_table))
+        chart = _chart(plot_scaling.plot_scaling, df, group, out_dir / f"scaling__{slug}.png", warn=warn)
+        if chart is not None:
+            written.append(chart)
+            sections.append(plot_scaling.scaling_section(df, group, chart, markdown_table))
 
     head = [
         "# DiT DP-SGD profiling summary",
@@ -382,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     if not recs:
         head += ["No valid records found.", ""]
     tail = ["## Skipped files", ""] + [f"- {s}" for s in skipped] + [""] if skipped else []
-    (out_dir / "summary.md").write_text("\n".join(head + sections + tail))
-    print(f"wrote {len(written)} chart(s) and {out_dir / 'summary.md'}")
-    return 0
+    atomic_write_text(out_dir / "summary.md", "\n".join(head + sections + tail))
+    print(
+        f"wrote {len(written)} chart(s) and {out_dir / 'summary.md'}" + (f"; skipped {len(skipped)}" if skipped else "")
+    )
+    return EXIT_SKIPPED if skipped else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ seconds happen only for display (``peak_memory_mb`` is kept as a legacy key of t
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from memory_test.cli_common.files import atomic_write_json, output_path_problem
 
 SCHEMA_NAME = "memory_test.dit_profile"
 SCHEMA_VERSION = 1
@@ -64,56 +64,25 @@ def validate_record(rec: Any) -> list[str]:
     return problems
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf are not JSON: store them as null (callers record why in a note)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_record_atomic(path: str | os.PathLike, record: dict) -> Path:
     """Write ``record`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``.
 
-    Readers see either the old file, no file, or the complete new file; never a partial one (also on Ctrl-C).
+    Readers see either the old file, no file, or the complete new file; never a partial one (also on Ctrl-C). The
+    file gets the umask's mode, like any file the user writes. Missing parent folders are created.
     """
     problems = validate_record(record)
     if problems:
         raise ValueError("refusing to write an invalid record: " + "; ".join(problems))
-    path = Path(path)
-    text = json.dumps(_json_safe(record), indent=2, sort_keys=False, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write_json(path, record)
 
 
 def check_writable_output(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot receive a record (None if it can). Creates missing parent folders; writes nothing else."""
+    """Why ``path`` cannot receive a record (None if it can). Creates and writes nothing."""
     path = Path(path)
-    if path.is_dir():
+    why = output_path_problem(path)
+    if why == "is a directory":
         return f"--output {path} is a directory; give a file name such as {path / 'result.json'}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        return f"cannot write --output {path}: {e.strerror or e}"
-    return None
+    return f"cannot write --output {path}: {why}" if why else None
 
 
 def load_record(path: str | os.PathLike) -> tuple[dict | None, str | None]:

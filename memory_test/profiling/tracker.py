@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from memory_test.cli_common.files import atomic_path
+
 
 class StepTimer:
     """Times steps with CUDA events (GPU) or perf_counter (CPU); read results after ``finish()``."""
@@ -242,7 +244,8 @@ def memory_snapshot(path: str | None, device: torch.device, max_entries: int = 2
         yield info
     finally:
         try:
-            torch.cuda.memory._dump_snapshot(path)
+            with atomic_path(path) as tmp:  # creates missing folders; the umask's mode, never a half-written pickle
+                torch.cuda.memory._dump_snapshot(str(tmp))
             info["written"] = True
         except Exception as e:
             info["reason"] = f"dump failed: {e}"
