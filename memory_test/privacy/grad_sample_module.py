@@ -38,6 +38,15 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+@torch.compiler.disable
+def _untraced(fn, *args):
+    """Run a hook eagerly when torch.compile traces the model (``torch.compile(dp_model)``, a model compiled before
+    ``make_private``): Dynamo would otherwise trace ``_Tap``'s backward once, with ``_recording_backward`` False, as a
+    plain identity, and the norms would silently miss every layer. A graph break per tap keeps the update exact;
+    ``dp_model.compile()`` is the compiled path (memory_test.privacy.compiled)."""
+    return fn(*args)
+
+
 # Book-keeping norms and clips same-shape single-use Linears (one per block) together, in runs whose stacked A and G
 # copies (and ghost's Grams) stay under this many bytes: at small batches their per-layer calls are host-bound.
 STACK_BYTES = 32 << 20
@@ -132,6 +141,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def _make_forward_hook(self, state: _LayerState):
         def hook(module, inputs, output):
+            if torch.compiler.is_compiling():  # a traced tap loses its backward: see _untraced
+                return _untraced(hook, module, inputs, output)
             if not (module.training and torch.is_grad_enabled() and self.hooks_enabled):
                 return None
             if not isinstance(output, torch.Tensor):
@@ -152,6 +163,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         The math is identical (autocast casts it anyway), but autograd now saves the very tensor book-keeping
         caches instead of BK holding the fp32 input beside autograd's copy, and q, k, v share one cast.
         """
+        if torch.compiler.is_compiling():  # its id()-keyed cache is per step: see _untraced
+            return _untraced(self._cast_input, module, inputs)
         x = inputs[0] if inputs else None
         if not (isinstance(x, torch.Tensor) and x.is_floating_point() and module.training and self.hooks_enabled):
             return None
@@ -164,6 +177,12 @@ class DPGradSampleModule(AbstractGradSampleModule):
         return (self._cache.cast(x, dtype), *inputs[1:])
 
     hooks_enabled = True
+
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile this DP model in place, exactly (as nn.Module.compile): see memory_test.privacy.compiled."""
+        from .compiled import compile_private
+
+        compile_private(self, *args, **kwargs)
 
     def enable_hooks(self):
         self.hooks_enabled = True
@@ -265,12 +284,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
         self._deferred = []
-        self._recording_backward = True
-        try:
-            if n > 0:
-                torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
-        finally:
-            self._recording_backward = False
+        if n > 0:
+            self._record_backward(loss_per_sample, retain_graph)
         self._finish_deferred()
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
@@ -278,6 +293,14 @@ class DPGradSampleModule(AbstractGradSampleModule):
         norms = self._sq_norm.sqrt()
         self._per_sample_gradient_norms = norms
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def _record_backward(self, loss_per_sample: torch.Tensor, retain_graph: bool) -> None:
+        """The backward that hands every use's output gradient to ``_on_grad_output`` (here: the taps do it)."""
+        self._recording_backward = True
+        try:
+            torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._recording_backward = False
 
     def write_clipped_grads(self, coef: torch.Tensor):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes.

@@ -1,4 +1,4 @@
-"""What torch.compile did in this process: frames compiled, graphs, graph breaks, recompilations.
+"""What torch.compile did in this process: graphs compiled, graph breaks, recompilations.
 
 Read from Dynamo's own counters; a record stores the difference between two snapshots (``since``), e.g. compile
 work during the timed steps, which must be none for the step times to exclude recompilation.
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class CompileStats:
-    frames: int  # frames Dynamo compiled (first compiles, recompiles, frames resumed after a graph break)
     graphs: int  # FX graphs produced (one per frame without breaks; more when a frame breaks)
     graph_breaks: int  # graph breaks hit while tracing
     recompiles: int  # compilations of a frame that already had a compiled entry (a guard failed)
@@ -50,7 +49,6 @@ def compile_stats() -> CompileStats:
     from torch._dynamo.utils import counters
 
     return CompileStats(
-        frames=counters["frames"]["ok"],
         graphs=counters["stats"]["unique_graphs"],
         graph_breaks=sum(counters["graph_break"].values()),
         recompiles=_count_recompiles(),
