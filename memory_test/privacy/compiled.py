@@ -41,9 +41,8 @@ from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule
 from .layer_rules import Use
 
 MAX_USES = 64  # uses of one layer per forward (DiT: 2, block 0's embedder)
-_SINK_ATTRS = tuple(
-    f"_dp_sink{i}" for i in range(MAX_USES)
-)  # one attribute per use: no list whose length Dynamo guards
+# One attribute per use, not a list: Dynamo would guard the list's length, which differs between layers.
+_SINK_ATTRS = tuple(f"_dp_sink{i}" for i in range(MAX_USES))
 _USES_ATTR = "_dp_uses"  # a list while a recording forward runs, None otherwise
 SINK_SETS_KEPT = 16  # batch sizes whose sinks are kept (Poisson batches vary; each set is ~one tensor header per use)
 _sinks_made = [0]  # sinks made during a forward (eager pass, or a graph break): the plan is then relearned
@@ -182,7 +181,8 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         if sinks is None:
             sinks = self._sink_sets[key] = [[_sink((m * rows, *rest), dt, dev) for m, rest, dt, dev in p] for p in plan]
             while len(self._sink_sets) > SINK_SETS_KEPT:
-                self._sink_sets.popitem(last=False)
+                if self._sink_sets.popitem(last=False)[0] == self._armed:
+                    self._armed = None
         if key != self._armed:
             for state, layer_sinks in zip(self._states, sinks):
                 state.module.__dict__.update(zip(_SINK_ATTRS, layer_sinks))
