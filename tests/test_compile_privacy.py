@@ -22,6 +22,7 @@ from tests.dp_reference import per_sample_criterion, reference_update, rel_err
 
 SINGLE_PROCESS_MODES = sorted(name for name, m in MODES.items() if not m.distributed)
 AOT = {"backend": "aot_eager", "fullgraph": True}
+ROWS = (5, 0, 5, 5)
 QKV_OF_BLOCK_1 = tuple(f"transformer_blocks.1.attn1.to_{x}" for x in "qkv")
 
 
@@ -197,6 +198,40 @@ def test_bf16_autocast_compiled_matches_eager_engine(tiny_model):
     # q, k and v of a compiled block get one bf16 copy of their input (one cached A, one input Gram for the three)
     assert len(qkv) == 1
     assert rel_err(updates[-1], updates[0]) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["ghost", "flash_clip_bk"])
+def test_any_model_compiles_whole_and_an_empty_batch_records_nothing(mode):
+    """Not only DiTs: an MLP with a reused layer, compiled whole; an empty batch in between changes nothing."""
+    torch.manual_seed(0)
+    lin, out = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    model = torch.nn.Sequential(lin, torch.nn.Tanh(), lin, out).double()  # lin used twice: cross terms
+    x = torch.randn(5, 3, dtype=torch.float64)
+    target = torch.randn(5, 1, dtype=torch.float64)
+
+    def criterion(pred, y):
+        return (pred - y).pow(2).flatten(1).mean(1)
+
+    criterion.reduction = "sum"
+    updates = []
+    for compiled in (False, True):
+        net = copy.deepcopy(model)
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        dp_model, _, crit, _ = PrivacyEngine().make_private(
+            module=net, optimizer=opt, data_loader=DataLoader(TensorDataset(torch.zeros(5)), batch_size=5),
+            criterion=criterion, noise_multiplier=0.0, max_grad_norm=0.3, grad_sample_mode=mode,
+            poisson_sampling=False, loss_reduction="sum",
+        )  # fmt: skip
+        if compiled:
+            dp_model.compile(**AOT)
+        for rows in ROWS:
+            crit(dp_model(x[:rows]), target[:rows]).backward()
+            grads = [p.grad.clone() for p in net.parameters()]
+            opt.zero_grad(set_to_none=True)
+            if rows == 0:
+                assert all(g.abs().sum() == 0 for g in grads)
+        updates.append(grads)
+    assert rel_err(updates[1], updates[0]) <= 1e-12
 
 
 def test_sharded_modes_refuse_to_compile():

@@ -145,14 +145,16 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
             return self._module(*args, **kwargs)
         signature, rows = _signature(args, kwargs)
         plan = self._plans.get(signature)
-        self._arm(signature, rows, plan)
+        recording = rows > 0  # no sample, nothing to record (as with the eager taps, whose uses get no gradient)
+        if recording:
+            self._arm(signature, rows, plan)
         made = _sinks_made[0]
-        try:
-            with self._forward_context(eager=plan is None):
+        try:  # every compiled call from here runs under the same settings, recording or not
+            with self._forward_context(eager=recording and plan is None):
                 output = self._module(*args, **kwargs)
         finally:
             self._collect()
-        if _sinks_made[0] != made:  # eager pass or a graph break: these shapes are the plan
+        if recording and _sinks_made[0] != made:  # eager pass or a graph break: these shapes are the plan
             self._learn(signature, rows)
         return output
 
@@ -237,7 +239,9 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         sinks = [sink for _, _, sink in taps]
         with torch.enable_grad():  # record_norms runs under no_grad, and the sum must stay on the graph
             total = loss_per_sample.sum()
-        grads = torch.autograd.grad(total, sinks, retain_graph=retain_graph, allow_unused=True) if sinks else ()
+        # AOTAutograd checks donated buffers again when a retained backward first runs (with the setting of that moment)
+        with torch._functorch.config.patch(donated_buffer=False):
+            grads = torch.autograd.grad(total, sinks, retain_graph=retain_graph, allow_unused=True) if sinks else ()
         if retain_graph:  # the second backward (Σ c_i loss_i) must accumulate nothing into them
             for sink in sinks:
                 sink.requires_grad_(False)
