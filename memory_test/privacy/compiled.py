@@ -39,6 +39,7 @@ from torch import nn
 from .errors import PrivacyConfigError
 from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule
 from .layer_rules import Use
+from .modes import MODES
 
 MAX_USES = 64  # uses of one layer per forward (DiT: 2, block 0's embedder)
 # One attribute per use, not a list: Dynamo would guard the list's length, which differs between layers.
@@ -279,9 +280,11 @@ def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, **kw
     """
     cls = COMPILED_CLASSES.get(type(gsm))
     if cls is None:
+        sharded = ", ".join(sorted(n for n, m in MODES.items() if m.distributed))
+        single = ", ".join(sorted(n for n, m in MODES.items() if not m.distributed))
         raise PrivacyConfigError(
-            f"{type(gsm).__name__} cannot be compiled yet (sharded modes run eagerly): drop compile for this mode, "
-            "or use a single-process mode (" + ", ".join(c.__name__ for c in COMPILED_CLASSES) + ")"
+            f"{type(gsm).__name__} cannot be compiled yet: the sharded modes ({sharded}) run eagerly. Drop compile "
+            f"for them, or compile a single-process mode ({single})"
         )
     if type(gsm) is not cls:
         gsm.__class__ = cls  # as FSDP2's fully_shard does: same object, same state, the compiled subclass' methods
