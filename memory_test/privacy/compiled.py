@@ -22,10 +22,13 @@ The compiled path records with nothing Dynamo cannot trace or replay:
   shapes, dtypes, devices, autocast) runs eagerly (``set_stance("force_eager")``) and makes them as it goes; later
   forwards of that signature get sinks scaled to their batch (a use's rows are a fixed multiple of the input's rows).
   A new batch size changes the sinks' and inputs' shapes alike: Dynamo recompiles once, marks the batch dimension
-  dynamic (automatic dynamic shapes), and serves every later size from that graph (``compile_stats`` counts it).
+  dynamic (automatic dynamic shapes; the DP forward lets sinks, attributes of built-in layers, be dynamic too), and
+  serves every later size from that graph (``compile_stats`` counts it).
 
-A use whose sink is missing or of the wrong shape gets one made at a graph break (exact, and counted); a layer used
-more than ``MAX_USES`` times per forward, or whose rows are not a multiple of the input's, raises.
+A use whose sink is missing or of the wrong shape gets one made at a graph break (exact, and counted; an error under
+``fullgraph=True``); a layer used more than ``MAX_USES`` times per forward, or whose rows are not a multiple of the
+input's, raises. ``torch.compile(dp_model)`` around the eager engine stays exact through a graph break at every tap
+(see ``grad_sample_module._untraced``): ``dp_model.compile()`` is the fast path.
 """
 
 from __future__ import annotations
