@@ -30,7 +30,8 @@ def readme_example() -> str:
 def _latents(path: Path, n: int = 16) -> Path:
     gen = torch.Generator().manual_seed(0)
     tensors = {"latents": torch.randn(n, 4, 8, 8, generator=gen), "labels": torch.randint(0, 3, (n,), generator=gen)}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "classes": json.dumps(["a", "b", "c"]), "image_size": "64"})
+    metadata = {"format": FORMAT, "classes": json.dumps(["a", "b", "c"]), "image_size": "64"}
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 

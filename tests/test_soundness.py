@@ -56,8 +56,8 @@ def reference(model, args, target, k: int, max_grad_norm: float):
     return [g / N for g in clipped_sum(grads, max_grad_norm)], per_sample_norms(grads)
 
 
-def dp_step(model, args, target, k, max_grad_norm, mode, *, eval_after=False):
-    """One DP-SGD step; returns the update of every trainable parameter."""
+def dp_step(model, args, target, k, max_grad_norm, mode, *, eval_after=False, compile_kwargs=None):
+    """One DP-SGD step (on a compiled DP model if ``compile_kwargs``); returns the update of every trainable param."""
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1.0)
@@ -66,6 +66,8 @@ def dp_step(model, args, target, k, max_grad_norm, mode, *, eval_after=False):
         module=model, optimizer=optimizer, data_loader=loader, criterion=per_sample_criterion(k),
         noise_multiplier=0.0, max_grad_norm=max_grad_norm, grad_sample_mode=mode, poisson_sampling=False,
     )  # fmt: skip
+    if compile_kwargs is not None:
+        dp_model.compile(**compile_kwargs)
     if eval_after:
         dp_model.eval()
     crit(dp_model(*args), target).backward()

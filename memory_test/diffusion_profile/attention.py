@@ -19,6 +19,7 @@ SDPA_NAMES = {
     SDPBackend.EFFICIENT_ATTENTION: "efficient",
     SDPBackend.MATH: "math",
 }
+SDPA_BACKENDS = {name: backend for backend, name in SDPA_NAMES.items()}  # str keys: Dynamo guards on lookups
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -45,15 +46,17 @@ class RecordingAttnProcessor:
         self.fallbacks: dict[str, str] = {}
         self._flash_attn, self._flash_attn_reason = _load_flash_attn() if use_flash_attention else (None, "")
         self._cpu_choice: dict[tuple, SDPBackend] = {}
+        # Kernels baked into torch.compile'd graphs (decided while tracing; compiled calls are not counted).
+        self.compiled_kernels: set[str] = set()
 
     @property
     def backends_used(self) -> set[str]:
-        return set(self.calls)
+        return set(self.calls) | self.compiled_kernels
 
     @property
     def backend(self) -> str:
         """The kernel that ran: one name, "mixed:a+b" if several, "none" before the first call."""
-        used = sorted(self.calls)
+        used = sorted(self.backends_used)
         if not used:
             return "none"
         return used[0] if len(used) == 1 else "mixed:" + "+".join(used)
@@ -62,6 +65,7 @@ class RecordingAttnProcessor:
         self.calls.clear()
         self.fallbacks.clear()
         self._cpu_choice.clear()
+        self.compiled_kernels.clear()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
@@ -93,15 +97,27 @@ class RecordingAttnProcessor:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """(B, S, H, D) in and out, through the kernel the policy picks."""
-        if self._flash_attn_ok(q):
-            self.calls["flash_attn"] += 1
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # SDPA's (B, H, S, D)
+        if torch.compiler.is_compiling():
+            # Decided once per traced graph, in plain Python, and recorded there: see _kernel_for_trace.
+            _, seq, heads, head_dim = q.shape
+            name = _kernel_for_trace(
+                self, q.device.type, q.device.index, q.dtype, seq, heads, head_dim, q.requires_grad, scale
+            )
+        else:
+            name = self._choose(qt, kt, vt, scale)
+            self.calls[name] += 1
+        if name == "flash_attn":
             return self._flash_attn(q, k, v, dropout_p=0.0, softmax_scale=scale, causal=False)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        backend = self._pick_sdpa(q, k, v, scale)
-        with sdpa_kernel([backend]):
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
-        self.calls[SDPA_NAMES[backend]] += 1
+        with sdpa_kernel([SDPA_BACKENDS[name]]):
+            out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=0.0, is_causal=False, scale=scale)
         return out.transpose(1, 2)
+
+    def _choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> str:
+        """The recorded name of the kernel for SDPA-layout (B, H, S, D) inputs like these."""
+        if self._flash_attn_ok(q):  # dtype and head dim only: the same in either layout
+            return "flash_attn"
+        return SDPA_NAMES[self._pick_sdpa(q, k, v, scale)]
 
     def _flash_attn_ok(self, q: torch.Tensor) -> bool:
         if self._flash_attn is None or not q.is_cuda:
@@ -153,6 +169,22 @@ class RecordingAttnProcessor:
         if backend not in self.fallbacks:
             self.fallbacks[backend] = why
             warnings.warn(f"use_flash_attention=True but attention runs on SDPA '{backend}': {why}", stacklevel=2)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_for_trace(proc, device_type, device_index, dtype, seq, heads, head_dim, requires_grad, scale) -> str:
+    """The kernel for inputs of this kind, chosen by the eager policy on a one-sample probe while Dynamo traces.
+
+    ``assume_constant_result`` runs this in plain Python (the CUDA can_use_* queries and the CPU flash probe need
+    real tensors) and bakes the name into the graph; its arguments are the tensors' static properties, which
+    Dynamo guards on, so other inputs retrace. The name is recorded as compiled: a compiled call is not counted.
+    """
+    device = torch.device(device_type, device_index)
+    probe = torch.zeros((1, seq, heads, head_dim), dtype=dtype, device=device, requires_grad=requires_grad)
+    probe = probe.transpose(1, 2)  # the strides _attend hands SDPA
+    name = proc._choose(probe, probe, probe, scale)
+    proc.compiled_kernels.add(name)
+    return name
 
 
 def set_recording_processor(model: torch.nn.Module, use_flash_attention: bool = True) -> RecordingAttnProcessor:

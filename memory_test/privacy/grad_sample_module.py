@@ -43,6 +43,18 @@ class _Tap(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+_dynamo_tracing = torch.compiler.is_dynamo_compiling  # False when run, True while Dynamo traces; ~80 ns a call
+
+
+@torch.compiler.disable
+def _untraced(fn, *args):
+    """Run a hook eagerly when torch.compile traces the model (``torch.compile(dp_model)``, a model compiled before
+    ``make_private``): Dynamo would otherwise trace ``_Tap``'s backward once, with ``_recording_backward`` False, as a
+    plain identity, and the norms would silently miss every layer. A graph break per tap keeps the update exact;
+    ``dp_model.compile()`` is the compiled path (memory_test.privacy.compiled)."""
+    return fn(*args)
+
+
 # Book-keeping norms and clips same-shape single-use Linears (one per block) together, in runs whose stacked A and G
 # copies (and ghost's Grams) stay under this many bytes: at small batches their per-layer calls are host-bound.
 STACK_BYTES = 32 << 20
@@ -158,10 +170,16 @@ class DPGradSampleModule(AbstractGradSampleModule):
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if torch.is_grad_enabled() and self.hooks_enabled:
-            self._check_no_batch_statistics()
-            self._rows = rows = batch_rows(args, kwargs)
-            self._run_layout_check(args, kwargs, rows)
+            self._before_recorded_forward(args, kwargs)
         return self._module(*args, **kwargs)
+
+    @torch.compiler.disable  # checks and probe forwards: plain Python, never traced
+    def _before_recorded_forward(self, args, kwargs) -> int:
+        """Per recorded forward: no batch statistics, the batch's rows R, and (once) the layout check."""
+        self._check_no_batch_statistics()
+        self._rows = rows = batch_rows(args, kwargs)
+        self._run_layout_check(args, kwargs, rows)
+        return rows
 
     def _run_layout_check(self, args, kwargs, rows: int) -> None:
         if self._layout.pending:
@@ -188,6 +206,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def _make_forward_hook(self, state: _LayerState):
         def hook(module, inputs, output):
+            if _dynamo_tracing():  # a traced tap loses its backward: see _untraced
+                return _untraced(hook, module, inputs, output)
             # Recorded whatever module.training says: eval changes dropout and statistics, not who gets gradient.
             if not (torch.is_grad_enabled() and self.hooks_enabled):
                 return None
@@ -242,6 +262,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         The math is identical (autocast casts it anyway), but autograd now saves the very tensor book-keeping
         caches instead of BK holding the fp32 input beside autograd's copy, and q, k, v share one cast.
         """
+        if _dynamo_tracing():  # its id()-keyed cache is per step: see _untraced
+            return _untraced(self._cast_input, module, inputs)
         x = inputs[0] if inputs else None
         if not (isinstance(x, torch.Tensor) and x.is_floating_point() and self.hooks_enabled):
             return None
@@ -254,6 +276,12 @@ class DPGradSampleModule(AbstractGradSampleModule):
         return (self._cache.cast(x, dtype), *inputs[1:])
 
     hooks_enabled = True
+
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile this DP model in place, exactly (as nn.Module.compile): see memory_test.privacy.compiled."""
+        from .compiled import compile_private
+
+        compile_private(self, *args, **kwargs)
 
     def enable_hooks(self):
         self.hooks_enabled = True
@@ -356,12 +384,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
         self._deferred = []
-        self._recording_backward = self._in_backward = True
-        try:
-            if n > 0:
-                torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
-        finally:
-            self._recording_backward = self._in_backward = False
+        if n > 0:
+            self._record_backward(loss_per_sample, retain_graph)
         self._finish_deferred()
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
@@ -380,9 +404,11 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 "per-layer rules for the parameters trainable then. Set requires_grad before make_private."
             )
         structure = tuple(len(s.uses) for s in self._states)
-        if structure == self._covered_structure or loss_per_sample.grad_fn is None:
+        if structure == self._covered_structure or loss_per_sample.grad_fn is None or loss_per_sample.numel() == 0:
             return
         taps = {id(u.refs[0]): (s, u) for s in self._states for u in s.uses if u.refs}
+        if not taps:  # a compiled forward: its eager first pass (same input signature) was walked instead
+            return
         problems = uncovered_parameters(loss_per_sample.grad_fn, taps, self._owner, self._param_names)
         if problems:
             raise CoverageError(
@@ -404,6 +430,14 @@ class DPGradSampleModule(AbstractGradSampleModule):
             state.done = False
         self._cache.reset()
         self._sq_norm = None
+
+    def _record_backward(self, loss_per_sample: torch.Tensor, retain_graph: bool) -> None:
+        """The backward that hands every use's output gradient to ``_on_grad_output`` (here: the taps do it)."""
+        self._recording_backward = self._in_backward = True
+        try:
+            torch.autograd.grad(loss_per_sample.sum(), self._anchor, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._recording_backward = self._in_backward = False
 
     def write_clipped_grads(self, coef: torch.Tensor):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes.

@@ -109,7 +109,8 @@ class LayoutCheck:
         modes = {mod: mod.training for mod in gsm._module.modules()}
         try:
             gsm._module.eval()
-            with torch.no_grad(), gsm.hooks_off():
+            # Eager even inside compiled regions: probes must not compile eval/no-grad graphs of their own.
+            with torch.no_grad(), gsm.hooks_off(), torch.compiler.set_stance("force_eager"):
                 gsm._module(*sub_args, **sub_kwargs)
         except Exception as exc:
             raise LayoutError(

@@ -1,6 +1,6 @@
 """What the engine supports and what it refuses, as markdown generated from the rules registry (README's table).
 
-    python -m memory_test.privacy.support      # prints the block that README.md holds between the markers
+python -m memory_test.privacy.support      # prints the block that README.md holds between the markers
 """
 
 from __future__ import annotations
