@@ -265,6 +265,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
         self._deferred = []
+        self.norm_backend.begin_step()  # its margin ledger: what this step's norms applied and saw
         self._recording_backward = True
         try:
             if n > 0:
@@ -275,9 +276,20 @@ class DPGradSampleModule(AbstractGradSampleModule):
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
                 self._finish_layer(state, allow_group=False)
-        norms = self._sq_norm.sqrt()
+        norms = self._sq_norm.sqrt()  # the backend's squared norms are upper bounds where rounding could bias them
         self._per_sample_gradient_norms = norms
+        # Rounding after the norms (c and c*x in bf16, a recomputing second backward): clip (1 + s) * norm.
+        slack = self.norm_backend.coefficient_slack(
+            two_pass=not self.keep_for_bookkeeping, loss_dtype=loss_per_sample.dtype
+        )
+        if slack:
+            norms = norms * (1.0 + slack)
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    @property
+    def norm_error_margin(self) -> dict:
+        """The error margins of the last step's clipping (rule, slack, budgets per norm path): for records."""
+        return self.norm_backend.margin_report()
 
     def write_clipped_grads(self, coef: torch.Tensor):
         """Book-keeping: p.grad += sum_i c_i g_i from the cached (A, G) of every layer, freeing caches as it goes.

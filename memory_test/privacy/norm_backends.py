@@ -1,22 +1,90 @@
-"""Norm algorithms for Linear-like layers: ghost (torch Gram matrices) and flash (fused kernels)."""
+"""Norm algorithms for Linear-like layers: ghost (torch Gram matrices) and flash (fused kernels).
+
+Both return *upper bounds* of the exact per-sample squared norms wherever the arithmetic is not exact up to IEEE
+rounding (TF32 operands, tensor-core accumulation: ``memory_test.kernels.norm_error``), and keep a per-step ledger
+of the error budgets they applied and of the operand precisions they saw; ``coefficient_slack`` turns the latter
+into the slack for rounding after the norms, and ``margin_report`` is what the engine exposes as
+``norm_error_margin``. ``MEMORY_TEST_NORM_MARGINS=0`` gives the estimates and no slack (A/B checks only).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from memory_test.kernels import norm_error
+
 from .modes import FLASH, GHOST
+
+RULE = (
+    "c_i = C / ((1 + s) * n_i + 1e-6), n_i = sqrt(sum over layers of k(u) * (w_i + u * D_i)), k(u) = (1+u)/(1-u)^2; "
+    "w_i the computed squared norm, D_i = sum_t |A_t|^2 |G_t|^2, u the layer's budget, s the coefficient slack "
+    "(memory_test/kernels/norm_error.py)"
+)
+SMALL_LAYER_NOTE = "embedding and materialized norms in float64 (exact: no margin)"
 
 
 def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
-    """Norms accumulate in fp32 even under bf16/fp16 autocast; float64 stays float64 (exactness tests)."""
+    """Linear norms accumulate in fp32 even under bf16/fp16 autocast; float64 stays float64 (exactness tests)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class GhostNorms:
+def small_layer_dtype(x: torch.Tensor) -> torch.dtype:
+    """Where the embedding and materialized rules form their norms: float64, exact (their tensors are small), so
+    those paths need no margin; with margins off, as before (fp32, or float64 for float64 inputs)."""
+    return torch.float64 if norm_error.margins_enabled() else accumulate_dtype(x)
+
+
+class _MarginLedger:
+    """Per step: the budgets applied per path and precision, and the operand precisions the Linear norms saw."""
+
+    def begin_step(self) -> None:
+        self._budgets: dict[str, dict] = {}
+        self._dtypes: set = set()
+        self._tf32 = False
+        self._slack = (0.0, "no step yet")
+
+    def _note(self, budget: norm_error.ErrorBudget, A: torch.Tensor, G: torch.Tensor) -> None:
+        if not hasattr(self, "_budgets"):
+            self.begin_step()
+        entry = self._budgets.setdefault(budget.key, {"u_w_max": 0.0, "u_b_max": 0.0, "calls": 0})
+        entry["u_w_max"] = max(entry["u_w_max"], budget.u_w)
+        entry["u_b_max"] = max(entry["u_b_max"], budget.u_b)
+        entry["calls"] += 1
+        self._dtypes.update((A.dtype, G.dtype))
+        self._tf32 = self._tf32 or (torch.float32 in (A.dtype, G.dtype) and norm_error.cuda_tf32(A.device))
+
+    def coefficient_slack(self, *, two_pass: bool, loss_dtype: torch.dtype) -> float:
+        """s for this step (0 with margins off): clip with (1 + s) * norm (see norm_error.coefficient_slack)."""
+        if not hasattr(self, "_budgets"):
+            self.begin_step()
+        if not norm_error.margins_enabled():
+            self._slack = (0.0, f"margins off ({norm_error.MARGINS_ENV}=0)")
+        else:
+            self._slack = norm_error.coefficient_slack(
+                two_pass=two_pass, dtypes=self._dtypes, tf32=self._tf32, loss_dtype=loss_dtype
+            )
+        return self._slack[0]
+
+    def margin_report(self) -> dict:
+        """JSON-safe: the rule, the slack and the budgets applied in the last step (path and precision -> max u)."""
+        if not hasattr(self, "_budgets"):
+            self.begin_step()
+        enabled = norm_error.margins_enabled()
+        return {
+            "enabled": enabled,
+            "rule": RULE if enabled else "c_i = C / (n_i + 1e-6) with the computed norms (no margin)",
+            "coefficient_slack": self._slack[0],
+            "slack_reason": self._slack[1],
+            "by_path": {key: dict(v) for key, v in sorted(self._budgets.items())},
+            "small_layers": SMALL_LAYER_NOTE if enabled else "embedding and materialized norms in fp32",
+        }
+
+
+class GhostNorms(_MarginLedger):
     """Opacus-style ghost norms: ||A_iᵀG_i||² = <A_iA_iᵀ, G_iG_iᵀ>, two B x T x T Gram matrices in memory."""
 
     name = GHOST
-    accumulate_dtype = staticmethod(accumulate_dtype)
+    accumulate_dtype = staticmethod(small_layer_dtype)
 
     def kernel_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         return "torch"
@@ -26,25 +94,35 @@ class GhostNorms:
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
         dtype = accumulate_dtype(G)
-        A, G = A.to(dtype), G.to(dtype)
+        A32, G32 = A.to(dtype), G.to(dtype)
         if A.shape[1] == 1:  # one row per sample: the gradient is an outer product, the bias gradient G itself
-            g_sq = G.square().sum(dim=(1, 2))
-            return A.square().sum(dim=(1, 2)) * g_sq, (g_sq if with_bias else None), "outer"
-        ggT = torch.bmm(G, G.transpose(1, 2))
-        w_sq = (torch.bmm(A, A.transpose(1, 2)) * ggT).sum(dim=(1, 2))
+            g_sq = G32.square().sum(dim=(1, 2))
+            self._note(norm_error.exact_budget("outer", A.dtype, G.dtype), A, G)  # elementwise: IEEE
+            return A32.square().sum(dim=(1, 2)) * g_sq, (g_sq if with_bias else None), "outer"
+        ggT = torch.bmm(G32, G32.transpose(1, 2))
+        aaT = torch.bmm(A32, A32.transpose(1, 2))
+        w_sq = (aaT * ggT).sum(dim=(1, 2))
         # ||Σ_t g_t||² is the sum of every entry of G Gᵀ, already in memory.
-        return w_sq, (ggT.sum(dim=(1, 2)) if with_bias else None), "gram"
+        b_sq = ggT.sum(dim=(1, 2)) if with_bias else None
+        budget = norm_error.torch_budget("gram", A, G, dtype)
+        self._note(budget, A, G)
+        if norm_error.margins_enabled() and not budget.exact:
+            g_rows = ggT.diagonal(dim1=1, dim2=2)  # ||G_t||², and ||A_t||² below: the Grams' diagonals
+            w_sq = norm_error.upper_bound(w_sq, budget.u_w, (aaT.diagonal(dim1=1, dim2=2) * g_rows).sum(dim=1))
+            if with_bias:
+                b_sq = norm_error.upper_bound(b_sq, budget.u_b, g_rows.sum(dim=1))
+        return w_sq, b_sq, "gram"
 
     def multi_linear_sq_norms(self, A, Gs, *, with_bias):
         """One layer at a time, as Opacus does: ghost is the unfused baseline."""
         return [self.linear_sq_norms(A, G, with_bias=b) for G, b in zip(Gs, with_bias)]
 
 
-class FlashNorms:
+class FlashNorms(_MarginLedger):
     """Fused per-sample norm kernels (memory_test.kernels): Gram or direct path chosen per layer by cost."""
 
     name = FLASH
-    accumulate_dtype = staticmethod(accumulate_dtype)
+    accumulate_dtype = staticmethod(small_layer_dtype)
 
     def __init__(self):
         from memory_test.kernels import flash_norms  # imported lazily: triton is only needed by flash modes
@@ -58,10 +136,21 @@ class FlashNorms:
         return self._kernels.choose_path(rows, d, p, dtype)
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
-        return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
+        if not norm_error.margins_enabled():
+            return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
+        w_sq, b_sq, path, budget = self._kernels.linear_sq_norm_bounds(A, G, with_bias=with_bias)
+        self._note(budget, A, G)
+        return w_sq, b_sq, path
 
     def multi_linear_sq_norms(self, A, Gs, *, with_bias):
-        return self._kernels.multi_linear_sq_norms(A, Gs, with_bias=with_bias)
+        if not norm_error.margins_enabled():
+            return self._kernels.multi_linear_sq_norms(A, Gs, with_bias=with_bias)
+        out = []
+        bounds = self._kernels.multi_linear_sq_norm_bounds(A, Gs, with_bias=with_bias)
+        for G, (w_sq, b_sq, path, budget) in zip(Gs, bounds):
+            self._note(budget, A, G)
+            out.append((w_sq, b_sq, path))
+        return out
 
 
 NORM_BACKENDS = {GHOST: GhostNorms, FLASH: FlashNorms}
