@@ -20,8 +20,10 @@ released sum, not one sample's term. Where the clipped-sum GEMM takes fp32 opera
 also round those operands; the column ``max ratio (TF32 GEMM)`` repeats the measurement with both operands rounded
 to nearest TF32 (the worse of cuBLAS' possible conversions for this check; truncation only shrinks them).
 The ratio ||contribution_i|| / C is reported as its maximum over the batch (target: <= 1 + 1e-6), with counts;
-per-sample norms are never written. ``norm rel err`` compares the norm the engine clipped with (its upper bound
-when margins are on) with the float64 norm of the first-pass gradient: its sign says biased low or high.
+per-sample norms are never written. ``norm rel err`` compares the engine's norms (with the bound's u·D term when
+margins are on) with the float64 norm of the first-pass gradient, min / mean / max over the batch: its sign says
+biased low or high. ``clip factor`` is the factor f the engine multiplied them by before clipping (1 without
+margins); ``sum check`` compares the reproduced clipped sum with the one the engine wrote (it must be small).
 
 C is a fraction (--clip-fraction, default 0.5) of the median float64 per-sample norm of a probe step (fp32, no
 TF32), so most samples are clipped. "before" runs with the margins off (MEMORY_TEST_NORM_MARGINS=0: today's
@@ -353,7 +355,7 @@ def run_cell(base, mode, precision, variant, batch, C, device) -> dict:
                 num += float((total - got).square().sum())
                 den += float(got.square().sum())
         engine_norms = dp_model.per_sample_gradient_norms.double()
-        margin = getattr(dp_model, "norm_error_margin", None)
+        margin = dp_model.norm_error_margin
     true_norm = true_sq.sqrt()
     ratio = contrib_sq.sqrt() / C
     rel = engine_norms / true_norm - 1
@@ -368,6 +370,7 @@ def run_cell(base, mode, precision, variant, batch, C, device) -> dict:
         "max_contribution_ratio_tf32_gemm": float(tf32_sq.sqrt().max() / C) if tf32_gemm else None,
         "exceeding_tf32_gemm": int((tf32_sq.sqrt() / C > 1 + TOLERANCE).sum()) if tf32_gemm else None,
         "norm_rel_err": {"min": float(rel.min()), "mean": float(rel.mean()), "max": float(rel.max())},
+        "clip_factor": margin["clip_factor"],
         "clipped_sum_rel_err": math.sqrt(num / den) if den else None,
         "norm_error_margin": margin,
         "wall_ms": (time.perf_counter() - t0) * 1e3,
@@ -440,18 +443,19 @@ def markdown(record: dict) -> str:
         head,
         "",
         "| precision | mode | variant | max ratio - 1 | max ratio - 1 (TF32 GEMM) | exceeding / clipped / n "
-        "| norm rel err min / mean / max | clipped-sum check | ok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| norm rel err min / mean / max | clip factor - 1 | sum check | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in record["cells"]:
         if c.get("status") == "skipped":
-            lines.append(f"| {c['precision']} | {c['mode']} | {c['variant']} | skipped ({c['message']}) |||||||")
+            lines.append(f"| {c['precision']} | {c['mode']} | {c['variant']} | skipped ({c['message']}) ||||||||")
             continue
         e = c["norm_rel_err"]
         lines.append(
             f"| {c['precision']} | {c['mode']} | {c['variant']} | {_signed(c['max_contribution_ratio'])} "
             f"| {_signed(c['max_contribution_ratio_tf32_gemm'])} | {c['exceeding']} / {c['clipped']} / {c['samples']} "
-            f"| {e['min']:+.1e} / {e['mean']:+.1e} / {e['max']:+.1e} | {c['clipped_sum_rel_err']:.1e} "
+            f"| {e['min']:+.1e} / {e['mean']:+.1e} / {e['max']:+.1e} | {c['clip_factor'] - 1:.1e} "
+            f"| {c['clipped_sum_rel_err']:.1e} "
             f"| {'yes' if cell_verdict(c) else 'NO'} |"
         )
     return "\n".join(lines)

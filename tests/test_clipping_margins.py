@@ -37,7 +37,7 @@ def _step(mode, *, autocast=None, C=1.0):
 @pytest.mark.parametrize("mode", ["ghost", "flash_clip_bk"])
 def test_fp32_on_cpu_is_exact_no_margin_no_slack(mode):
     report = _step(mode).norm_error_margin
-    assert report["enabled"] and report["coefficient_slack"] == 0.0
+    assert report["enabled"] and report["coefficient_slack"] == 0.0 and report["clip_factor"] == 1.0
     assert report["slack_reason"] == "exact up to IEEE rounding"
     assert report["by_path"] and all(v["u_w_max"] == v["u_b_max"] == 0.0 for v in report["by_path"].values())
     assert {"gram float32 ieee", "outer float32 ieee"} <= set(report["by_path"])
@@ -52,7 +52,7 @@ def test_bf16_autocast_gets_the_16_bit_slack(mode):
 
 
 def test_slack_scales_the_norms_the_coefficients_use():
-    """c = C / ((1 + s)·n + 1e-6): per_sample_gradient_norms keeps n, the update shrinks by 1/(1 + s)."""
+    """c = C / (f·n + 1e-6) with f = 1 + s here (exact norms on CPU): the update shrinks by 1/(1 + s)."""
     dp_model = _step("bookkeeping", autocast=torch.bfloat16, C=1e-3)
     norms = dp_model.per_sample_gradient_norms
     assert (norms > 1e-2).all()  # every sample clipped
@@ -102,9 +102,11 @@ def test_ghost_applies_its_budget_with_the_gram_diagonals(monkeypatch):
     w0 = (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum(dim=(1, 2))
     b0 = G.sum(dim=1).square().sum(dim=1)
     dw, db = norm_error.incoherent_sums(A, G)
-    torch.testing.assert_close(w, norm_error.upper_bound(w0, 1e-3, dw))
-    torch.testing.assert_close(b, norm_error.upper_bound(b0, 5e-4, db))
+    torch.testing.assert_close(w, norm_error.incoherent_term(w0, 1e-3, dw))
+    torch.testing.assert_close(b, norm_error.incoherent_term(b0, 5e-4, db))
     assert path == "gram" and ghost.margin_report()["by_path"]["gram float32 tf32"]["u_w_max"] == 1e-3
+    factor = ghost.clip_factor(two_pass=True, loss_dtype=torch.float32)  # k of the largest u, once per step
+    assert factor == pytest.approx(norm_error.coherent_factor(1e-3) ** 0.5)
 
 
 def test_tf32_slack_counts_fp32_operands_on_tf32_gpus(monkeypatch):
@@ -112,7 +114,7 @@ def test_tf32_slack_counts_fp32_operands_on_tf32_gpus(monkeypatch):
     flash = FlashNorms()
     flash.begin_step()
     flash.linear_sq_norms(torch.randn(2, 3, 4), torch.randn(2, 3, 5), with_bias=False)
-    assert flash.coefficient_slack(two_pass=False, loss_dtype=torch.float32) == norm_error.TF32_CONTRIBUTION_SLACK
+    assert flash.clip_factor(two_pass=False, loss_dtype=torch.float32) == 1 + norm_error.TF32_CONTRIBUTION_SLACK
 
 
 # ----- scripts/gpu_check_clipping.py on the CPU ----------------------------------------------------------------

@@ -131,7 +131,8 @@ def _tensor_cores(dtype: torch.dtype, prec: str) -> bool:
 def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | None, bound: bool = False):
     """Weight and bias partial sums (len(Gs), B) for Gs sharing input A, via one input Gram per tile pair.
 
-    With ``bound``: also each G's error budget and, when it is not exact, the diagonal sums (D_w, D_b) per sample.
+    With ``bound``: each G's squared norms plus its budget's u·D (``norm_error.incoherent_term``, added by the
+    kernel on its diagonal tile pairs), and the budgets as a third item.
     """
     from triton import cdiv
 
@@ -143,21 +144,21 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
     round_ = prec == "tf32" and tf32_rounding()
     budgets = [_gram_budget(A.dtype, g.dtype, d, g.shape[-1], prec, round_) for g in Gs]
     with_d = bound and not all(b.exact for b in budgets)
+    us = [(b.u_w, b.u_b) if with_d else (0.0, 0.0) for b in budgets]
+    us += [(0.0, 0.0)] * (_MAX_SHARED_G - len(Gs))
     padded = Gs + [Gs[0]] * (_MAX_SHARED_G - len(Gs))  # unused slots: NUM_G stops the kernel before them
 
     def run(cfg):
         n_t = cdiv(T, cfg["BLOCK_T"])
         n_pairs = n_t * (n_t + 1) // 2
-        # Weight and bias partials (and the diagonal sums) in one buffer: one allocation and one reduction per call.
-        parts = torch.empty(4 if with_d else 2, len(Gs), B, n_pairs, device=A.device, dtype=torch.float32)
-        d_planes = (2, 3) if with_d else (0, 1)  # without BOUND the kernel never writes them
+        # Weight and bias partials in one buffer: one allocation and one reduction per call.
+        parts = torch.empty(2, len(Gs), B, n_pairs, device=A.device, dtype=torch.float32)
         for lo in range(0, B, _MAX_GRID_Y):
             n = min(_MAX_GRID_Y, B - lo)
             a, gs = A[lo : lo + n], [g[lo : lo + n] for g in padded]
-            g_args = [v for g in gs for v in (g, g.stride(0), g.stride(1), g.shape[-1])]
+            g_args = [v for g, u in zip(gs, us) for v in (g, g.stride(0), g.stride(1), g.shape[-1], *u)]
             gram_kernel[(n_pairs, n)](
-                a, a.stride(0), a.stride(1), d, *g_args, parts[0, :, lo:], parts[1, :, lo:],
-                parts[d_planes[0], :, lo:], parts[d_planes[1], :, lo:], T, B, n_pairs,
+                a, a.stride(0), a.stride(1), d, *g_args, parts[0, :, lo:], parts[1, :, lo:], T, B, n_pairs,
                 NUM_G=len(Gs), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], PREC=prec, UPCAST=upcast, ROUND=round_,
                 BOUND=with_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )  # fmt: skip
@@ -167,10 +168,8 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
            A.device.index)  # fmt: skip
     elem = max(x.element_size() for x in (A, *Gs))
     with _on(A.device):
-        sums = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
-    if not bound:
-        return sums[0], sums[1]
-    return sums[0], sums[1], budgets, (sums[2], sums[3]) if with_d else None
+        w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
+    return (w, b, budgets) if bound else (w, b)
 
 
 def _gram_budget(a_dtype, g_dtype, d, p, prec, round_) -> norm_error.ErrorBudget:
@@ -227,16 +226,17 @@ def _direct_budget(A, G, allow_tf32) -> norm_error.ErrorBudget:
                                     tf32=prec == "tf32", tf32_u=tf32_u)  # fmt: skip
 
 
-def _bounded(w, b, budget: norm_error.ErrorBudget, incoherent):
-    """Upper bounds of the squared norms from the estimates and the diagonal sums (None when exact)."""
+def _with_incoherent_term(w, b, budget: norm_error.ErrorBudget, A, G):
+    """The torch paths' w + u_w·D and b + u_b·D_b (row norms read once more; nothing to add when exact)."""
     if budget.exact:
         return w, b
-    dw, db = incoherent
-    return norm_error.upper_bound(w, budget.u_w, dw), None if b is None else norm_error.upper_bound(b, budget.u_b, db)
+    dw, db = norm_error.incoherent_sums(A, G)
+    return (norm_error.incoherent_term(w, budget.u_w, dw),
+            None if b is None else norm_error.incoherent_term(b, budget.u_b, db))  # fmt: skip
 
 
 def _linear(A, G, with_bias, path, backend, allow_tf32, bound):
-    """(w, b, path) estimates, or with ``bound`` (w, b, path, budget) upper bounds (see norm_error)."""
+    """(w, b, path) estimates, or with ``bound`` (w + u·D, b + u_b·D_b, path, budget) (see norm_error)."""
     A, G = check_pair(A, G)
     B, T, d = A.shape
     chosen = _resolve_path(path, T, d, G.shape[-1], _dot_dtype(A, G))
@@ -247,22 +247,17 @@ def _linear(A, G, with_bias, path, backend, allow_tf32, bound):
         if not bound:
             return w, b, chosen
         budget = norm_error.torch_budget(chosen, A, G, accumulate_dtype(A, G))
-        incoherent = None if budget.exact else norm_error.incoherent_sums(A, G)
-        return *_bounded(w, b, budget, incoherent), chosen, budget
+        return *_with_incoherent_term(w, b, budget, A, G), chosen, budget
     A, G = _rows_major(A), _rows_major(G)
     if chosen == "gram":
-        if not bound:
-            w, b = _gram_launch(A, [G], allow_tf32)
-            return w[0], (b[0] if with_bias else None), chosen
-        w, b, budgets, incoherent = _gram_launch(A, [G], allow_tf32, bound=True)
-        incoherent = None if incoherent is None else (incoherent[0][0], incoherent[1][0])
-        return *_bounded(w[0], b[0] if with_bias else None, budgets[0], incoherent), chosen, budgets[0]
+        out = _gram_launch(A, [G], allow_tf32, bound=bound)
+        w, b = out[0][0], (out[1][0] if with_bias else None)
+        return (w, b, chosen, out[2][0]) if bound else (w, b, chosen)
     w, b = _direct_launch(A, G, with_bias, allow_tf32)
     if not bound:
         return w, b, chosen
     budget = _direct_budget(A, G, allow_tf32)
-    incoherent = None if budget.exact else norm_error.incoherent_sums(A, G)
-    return *_bounded(w, b, budget, incoherent), chosen, budget
+    return *_with_incoherent_term(w, b, budget, A, G), chosen, budget
 
 
 def linear_sq_norms(
@@ -287,8 +282,9 @@ def linear_sq_norm_bounds(
     backend: str = "auto",
     allow_tf32: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str, norm_error.ErrorBudget]:
-    """As ``linear_sq_norms``, but upper bounds of the exact squared norms (the estimates where the computation is
-    exact up to IEEE rounding), and the error budget used (memory_test.kernels.norm_error)."""
+    """As ``linear_sq_norms``, plus the error budget used, with each squared norm raised by its incoherent term u·D:
+    k(budget.u_w) times it is an upper bound of the exact one (memory_test.kernels.norm_error; callers summing
+    several layers apply the largest k once). Exact budgets (IEEE fp32, float64) leave the estimates unchanged."""
     return _linear(A, G, with_bias, path, backend, allow_tf32, bound=True)
 
 
@@ -309,12 +305,7 @@ def _multi(A, Gs, with_bias, path, backend, allow_tf32, bound):
             launched = _gram_launch(A_rows, [_rows_major(Gs[i]) for i in idx], allow_tf32, bound=bound)
             for k, i in enumerate(idx):
                 w, b = launched[0][k], (launched[1][k] if with_bias[i] else None)
-                if not bound:
-                    out[i] = (w, b, "gram")
-                    continue
-                budget, incoherent = launched[2][k], launched[3]
-                incoherent = None if incoherent is None else (incoherent[0][k], incoherent[1][k])
-                out[i] = (*_bounded(w, b, budget, incoherent), "gram", budget)
+                out[i] = (w, b, "gram", launched[2][k]) if bound else (w, b, "gram")
     for i, G in enumerate(Gs):
         if out[i] is None:
             out[i] = _linear(A, G, with_bias[i], paths[i], be, allow_tf32, bound)
@@ -343,5 +334,5 @@ def multi_linear_sq_norm_bounds(
     backend: str = "auto",
     allow_tf32: bool | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, str, norm_error.ErrorBudget]]:
-    """linear_sq_norm_bounds for layers fed the same input A (q, k, v), sharing each A-Gram tile."""
+    """linear_sq_norm_bounds for layers fed the same input A (q, k, v): Gram-path layers share each A-Gram tile."""
     return _multi(A, Gs, with_bias, path, backend, allow_tf32, bound=True)

@@ -143,12 +143,23 @@ def torch_budget(path: str, A: torch.Tensor, G: torch.Tensor, dot_dtype: torch.d
     return direct_budget(A.dtype, G.dtype, T, tensor_cores=True, tf32=tf32, tf32_u=CUBLAS_TF32_U)
 
 
+def coherent_factor(u: float) -> float:
+    """k(u) = (1 + u) / (1 - u)²: the bound's factor for the error aligned with the data."""
+    return (1.0 + u) / (1.0 - u) ** 2
+
+
+def incoherent_term(sq: torch.Tensor, u: float, incoherent: torch.Tensor | None) -> torch.Tensor:
+    """sq + u·D: the computed squared norm plus the bound's data-dependent term (sq itself when u = 0)."""
+    return sq if u == 0.0 else torch.add(sq, incoherent, alpha=u)
+
+
 def upper_bound(sq: torch.Tensor, u: float, incoherent: torch.Tensor | None) -> torch.Tensor:
-    """k(u)·(sq + u·D): an upper bound of the exact squared norm from the computed one (see the module doc)."""
-    if u == 0.0:
-        return sq
-    k = (1.0 + u) / (1.0 - u) ** 2
-    return torch.add(sq, incoherent, alpha=u).mul_(k)
+    """k(u)·(sq + u·D): an upper bound of the exact squared norm from the computed one (see the module doc).
+
+    The engine adds ``incoherent_term`` per layer (in the kernels, at no cost) and applies the step's largest k
+    once, to the clip coefficient: Σ_l k(u_l)·x_l <= k(max u)·Σ_l x_l.
+    """
+    return sq if u == 0.0 else incoherent_term(sq, u, incoherent) * coherent_factor(u)
 
 
 def incoherent_sums(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

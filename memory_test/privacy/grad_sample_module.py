@@ -276,19 +276,18 @@ class DPGradSampleModule(AbstractGradSampleModule):
         for state in self._states:
             if not state.done:  # some uses (or group members) never reached the loss
                 self._finish_layer(state, allow_group=False)
-        norms = self._sq_norm.sqrt()  # the backend's squared norms are upper bounds where rounding could bias them
+        norms = self._sq_norm.sqrt()
         self._per_sample_gradient_norms = norms
-        # Rounding after the norms (c and c*x in bf16, a recomputing second backward): clip (1 + s) * norm.
-        slack = self.norm_backend.coefficient_slack(
-            two_pass=not self.keep_for_bookkeeping, loss_dtype=loss_per_sample.dtype
-        )
-        if slack:
-            norms = norms * (1.0 + slack)
+        # Rounding in the norms and after them (TF32, tensor cores, bf16 coefficients, a recomputing second
+        # backward): the backend's factor makes f * norm an upper bound of what each sample adds (1.0 if exact).
+        factor = self.norm_backend.clip_factor(two_pass=not self.keep_for_bookkeeping, loss_dtype=loss_per_sample.dtype)
+        if factor != 1.0:
+            norms = norms * factor
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
     @property
     def norm_error_margin(self) -> dict:
-        """The error margins of the last step's clipping (rule, slack, budgets per norm path): for records."""
+        """The error margins of the last step's clipping (rule, factor, budgets per norm path): for records."""
         return self.norm_backend.margin_report()
 
     def write_clipped_grads(self, coef: torch.Tensor):

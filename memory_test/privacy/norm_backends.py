@@ -1,13 +1,17 @@
 """Norm algorithms for Linear-like layers: ghost (torch Gram matrices) and flash (fused kernels).
 
-Both return *upper bounds* of the exact per-sample squared norms wherever the arithmetic is not exact up to IEEE
-rounding (TF32 operands, tensor-core accumulation: ``memory_test.kernels.norm_error``), and keep a per-step ledger
-of the error budgets they applied and of the operand precisions they saw; ``coefficient_slack`` turns the latter
-into the slack for rounding after the norms, and ``margin_report`` is what the engine exposes as
-``norm_error_margin``. ``MEMORY_TEST_NORM_MARGINS=0`` gives the estimates and no slack (A/B checks only).
+Wherever the arithmetic is not exact up to IEEE rounding (TF32 operands, tensor-core accumulation), both return each
+squared norm plus its bound's data-dependent term u·D (``memory_test.kernels.norm_error``: added on the Gram
+diagonals, in the kernels at no cost), and keep a per-step ledger of the error budgets applied and the operand
+precisions seen. ``clip_factor`` turns the ledger into the factor the engine multiplies the norms by before
+clipping: sqrt(k(largest u)) for the error aligned with the data, times (1 + s) for rounding after the norms.
+``margin_report`` is what the engine exposes as ``norm_error_margin``. ``MEMORY_TEST_NORM_MARGINS=0``: plain
+estimates and factor 1 (A/B checks only).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,9 +20,9 @@ from memory_test.kernels import norm_error
 from .modes import FLASH, GHOST
 
 RULE = (
-    "c_i = C / ((1 + s) * n_i + 1e-6), n_i = sqrt(sum over layers of k(u) * (w_i + u * D_i)), k(u) = (1+u)/(1-u)^2; "
-    "w_i the computed squared norm, D_i = sum_t |A_t|^2 |G_t|^2, u the layer's budget, s the coefficient slack "
-    "(memory_test/kernels/norm_error.py)"
+    "c_i = C / (f * n_i + 1e-6), n_i = sqrt(sum over layers of (w_i + u * D_i)), f = (1 + s) * sqrt(k(u_max)), "
+    "k(u) = (1+u)/(1-u)^2; w_i the computed squared norm, D_i = sum_t |A_t|^2 |G_t|^2, u the layer's error budget, "
+    "s the coefficient slack (memory_test/kernels/norm_error.py)"
 )
 SMALL_LAYER_NOTE = "embedding and materialized norms in float64 (exact: no margin)"
 
@@ -34,47 +38,58 @@ def small_layer_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if norm_error.margins_enabled() else accumulate_dtype(x)
 
 
+def _factor_parts(factor: float, k: float, s: float, reason: str) -> dict:
+    return {"clip_factor": factor, "coherent_factor": k, "coefficient_slack": s, "slack_reason": reason}
+
+
 class _MarginLedger:
     """Per step: the budgets applied per path and precision, and the operand precisions the Linear norms saw."""
 
     def begin_step(self) -> None:
         self._budgets: dict[str, dict] = {}
+        self._u_max = 0.0
         self._dtypes: set = set()
         self._tf32 = False
-        self._slack = (0.0, "no step yet")
+        self._factor = _factor_parts(1.0, 1.0, 0.0, "no step yet")
 
-    def _note(self, budget: norm_error.ErrorBudget, A: torch.Tensor, G: torch.Tensor) -> None:
+    def _ledger(self) -> None:
         if not hasattr(self, "_budgets"):
             self.begin_step()
+
+    def _note(self, budget: norm_error.ErrorBudget, A: torch.Tensor, G: torch.Tensor) -> None:
+        self._ledger()
         entry = self._budgets.setdefault(budget.key, {"u_w_max": 0.0, "u_b_max": 0.0, "calls": 0})
         entry["u_w_max"] = max(entry["u_w_max"], budget.u_w)
         entry["u_b_max"] = max(entry["u_b_max"], budget.u_b)
         entry["calls"] += 1
+        self._u_max = max(self._u_max, budget.u_w, budget.u_b)
         self._dtypes.update((A.dtype, G.dtype))
         self._tf32 = self._tf32 or (torch.float32 in (A.dtype, G.dtype) and norm_error.cuda_tf32(A.device))
 
-    def coefficient_slack(self, *, two_pass: bool, loss_dtype: torch.dtype) -> float:
-        """s for this step (0 with margins off): clip with (1 + s) * norm (see norm_error.coefficient_slack)."""
-        if not hasattr(self, "_budgets"):
-            self.begin_step()
+    def clip_factor(self, *, two_pass: bool, loss_dtype: torch.dtype) -> float:
+        """f for this step: the engine clips with f·n (1.0 with margins off; see the module doc)."""
+        self._ledger()
         if not norm_error.margins_enabled():
-            self._slack = (0.0, f"margins off ({norm_error.MARGINS_ENV}=0)")
-        else:
-            self._slack = norm_error.coefficient_slack(
-                two_pass=two_pass, dtypes=self._dtypes, tf32=self._tf32, loss_dtype=loss_dtype
-            )
-        return self._slack[0]
+            self._factor = _factor_parts(1.0, 1.0, 0.0, f"margins off ({norm_error.MARGINS_ENV}=0)")
+            return 1.0
+        s, reason = norm_error.coefficient_slack(
+            two_pass=two_pass, dtypes=self._dtypes, tf32=self._tf32, loss_dtype=loss_dtype
+        )
+        k = norm_error.coherent_factor(self._u_max)
+        factor = (1.0 + s) * math.sqrt(k)
+        self._factor = _factor_parts(factor, k, s, reason)
+        return factor
 
     def margin_report(self) -> dict:
-        """JSON-safe: the rule, the slack and the budgets applied in the last step (path and precision -> max u)."""
-        if not hasattr(self, "_budgets"):
-            self.begin_step()
+        """JSON-safe: the rule, the factor and its parts, and the budgets applied in the last step (path and precision
+        -> largest u)."""
+        self._ledger()
         enabled = norm_error.margins_enabled()
         return {
             "enabled": enabled,
             "rule": RULE if enabled else "c_i = C / (n_i + 1e-6) with the computed norms (no margin)",
-            "coefficient_slack": self._slack[0],
-            "slack_reason": self._slack[1],
+            **self._factor,
+            "u_max": self._u_max,
             "by_path": {key: dict(v) for key, v in sorted(self._budgets.items())},
             "small_layers": SMALL_LAYER_NOTE if enabled else "embedding and materialized norms in fp32",
         }
@@ -101,16 +116,18 @@ class GhostNorms(_MarginLedger):
             return A32.square().sum(dim=(1, 2)) * g_sq, (g_sq if with_bias else None), "outer"
         ggT = torch.bmm(G32, G32.transpose(1, 2))
         aaT = torch.bmm(A32, A32.transpose(1, 2))
-        w_sq = (aaT * ggT).sum(dim=(1, 2))
-        # ||Σ_t g_t||² is the sum of every entry of G Gᵀ, already in memory.
-        b_sq = ggT.sum(dim=(1, 2)) if with_bias else None
         budget = norm_error.torch_budget("gram", A, G, dtype)
         self._note(budget, A, G)
-        if norm_error.margins_enabled() and not budget.exact:
-            g_rows = ggT.diagonal(dim1=1, dim2=2)  # ||G_t||², and ||A_t||² below: the Grams' diagonals
-            w_sq = norm_error.upper_bound(w_sq, budget.u_w, (aaT.diagonal(dim1=1, dim2=2) * g_rows).sum(dim=1))
-            if with_bias:
-                b_sq = norm_error.upper_bound(b_sq, budget.u_b, g_rows.sum(dim=1))
+        bound = norm_error.margins_enabled() and not budget.exact
+        if bound:  # + u_w·D: the product's diagonal terms ||A_t||²·||G_t||² scaled by (1 + u_w), in place
+            aaT.diagonal(dim1=1, dim2=2).mul_(1.0 + budget.u_w)
+        w_sq = (aaT * ggT).sum(dim=(1, 2))
+        b_sq = None
+        if with_bias:
+            if bound:
+                ggT.diagonal(dim1=1, dim2=2).mul_(1.0 + budget.u_b)
+            # ||Σ_t g_t||² is the sum of every entry of G Gᵀ, already in memory.
+            b_sq = ggT.sum(dim=(1, 2))
         return w_sq, b_sq, "gram"
 
     def multi_linear_sq_norms(self, A, Gs, *, with_bias):
