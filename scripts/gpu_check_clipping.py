@@ -391,10 +391,12 @@ def cell_verdict(cell: dict) -> bool:
 
 def build_model(args, device) -> nn.Module:
     torch.manual_seed(args.seed)
-    model = DiTHuggingFaceWrapper(args.model, img_size=args.img_size, pretrained=False, class_dropout_prob=0.0)
+    with torch.device(device):  # built on the device: a CPU init of DiT-XL/2 costs seconds
+        model = DiTHuggingFaceWrapper(args.model, img_size=args.img_size, pretrained=False, class_dropout_prob=0.0)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():  # diffusers zero-inits adaLN and the output head: random weights exercise every path
         for p in model.parameters():
-            p.normal_(0, args.init_std)
+            p.normal_(0, args.init_std, generator=gen)
     return model.to(device).train()
 
 

@@ -166,3 +166,41 @@ def test_check_script_deadline_and_bad_input(tmp_path):
     proc, out, md = _run_check(bad, "--clip-fraction", "1.5")
     assert proc.returncode == 2 and "--clip-fraction must be in (0, 1)" in proc.stderr
     assert "Traceback" not in proc.stderr and list(bad.iterdir()) == []
+
+
+# ----- scripts/compare_ratio_sweeps.py --------------------------------------------------------------------------
+
+
+def _record(folder: Path, experiment: str, precision: str, median_ms: float) -> None:
+    from memory_test.profiling import records
+
+    rec = {
+        "schema": records.SCHEMA_NAME, "schema_version": records.SCHEMA_VERSION, "record_type": "run",
+        "experiment": experiment, "status": "ok", "message": None,
+        "config": {"batch_size": 128, "model": "DiT-XL/2", "image_size": 256, "precision": precision,
+                   "noise_multiplicity": 1, "use_flash_attention": True, "private": experiment != "vanilla"},
+        "env": {"device_type": "cuda", "gpu_name": "NVIDIA H200", "utc_time": "2026-01-01T00:00:00+00:00"},
+        "timing": {"median_ms": median_ms, "step_times_ms": [median_ms]}, "memory": {"total_bytes": 1}, "model": {},
+    }  # fmt: skip
+    records.write_record_atomic(folder / f"{experiment}__{precision}.json", rec)
+
+
+def test_compare_ratio_sweeps(tmp_path):
+    before, after = tmp_path / "off", tmp_path / "on"
+    before.mkdir(), after.mkdir()
+    for precision, vanilla_before, vanilla_after in (("fp32", 600.0, 640.0), ("bf16", 320.0, 320.0)):
+        _record(before, "vanilla", precision, vanilla_before)
+        _record(after, "vanilla", precision, vanilla_after)
+    _record(before, "flash_clip_bk", "fp32", 660.0)  # 1.100
+    _record(after, "flash_clip_bk", "fp32", 707.2)  # 1.105: vanilla drifted, the ratio barely moved
+    _record(before, "ghost", "bf16", 480.0)  # 1.500
+    _record(after, "ghost", "bf16", 484.8)  # 1.515: rises by 0.015
+    script = [sys.executable, str(ROOT / "scripts" / "compare_ratio_sweeps.py"), "--before", str(before)]
+    proc = subprocess.run(script + ["--after", str(after), "--markdown", str(tmp_path / "rise.md")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "| fp32 | flash_clip_bk | 128 | 660.0 (1.100) | 707.2 (1.105) | +0.005 | yes |" in proc.stdout
+    assert "| bf16 | ghost | 128 | 480.0 (1.500) | 484.8 (1.515) | +0.015 | NO |" in proc.stdout
+    assert (tmp_path / "rise.md").read_text().strip() in proc.stdout
+    proc = subprocess.run(script + ["--after", str(tmp_path / "missing")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a folder of records" in proc.stderr

@@ -180,7 +180,7 @@ def test_a_fixed_relative_margin_fails_for_cancelling_rows():
 
 
 def test_bound_is_tight_for_ordinary_rows():
-    """Independent rows: D ≈ n², so the bound is about (1 + 3u/2)·n: a few 1e-3 under TF32 truncation, not 1%."""
+    """Independent rows: D ≈ n², so the bound is about (1 + 2u)·n: a few 1e-3 under TF32 truncation, not 1%."""
     A, G = gaussian(8, 64, 48, 48)
     w_exact, _ = exact(A, G)
     w, _, dw, _ = emulated_gram(A, G, "truncate")

@@ -9,7 +9,7 @@ clips with c_i = C / (n_i + 1e-6) (Opacus' rule), where n_i is a *computed* norm
 * the contribution is formed with rounding the norm never saw: book-keeping casts c_i to bf16 and rounds c_i*x to
   bf16; two-pass modes recompute every G in a second backward whose bf16/TF32 rounding differs from the first.
 
-The engine therefore clips with ``(1 + s) * sqrt(Σ_layers bound_l)``:
+The engine therefore clips with f·sqrt(Σ_layers (ñ_l² + u_l·D_l)), f = (1 + s)·sqrt(k(max u)):
 
 **Norm bound (per layer and sample, data-adaptive, free).** Each operand element x enters the products as
 x(1 + δ) with |δ| <= u_x (TF32: ``TF32_TRUNCATION_U`` or ``TF32_ROUNDING_U``; 16-bit operands and IEEE fp32 dots:
@@ -27,10 +27,15 @@ residual aligned, Cauchy-Schwarz) would be u·Σ_t||A_t||·||G_t|| ≈ u·√T·
 Gram kernel (the diagonals of the two Gram tiles it already holds) and one read of A and G on the direct path.
 Where u = 0 (float64, IEEE fp32, exact 16-bit operands on IEEE dots) the bound is the estimate itself.
 
+The engine adds the u·D term per layer and applies k once per step, with the largest u of the step (k grows with
+u, so Σ_l k(u_l)·x_l <= k(max u)·Σ_l x_l).
+
 **Coefficient slack s (per step; see ``coefficient_slack``).** Rounding of the contribution itself: 2·u16 + u16²
-under 16-bit autocast (book-keeping: c cast to bf16, then c·x rounded to bf16; two-pass: the recomputed G, a
-statistical allowance: measured at most 1.3e-3, std 4.4e-4, on the 16-wide test DiT, 3.9e-3 is its 2^-7), 2^-10
-under TF32 (the clipped-sum or weight-gradient GEMM rounds its fp32 operands to TF32), 0 in IEEE fp32 and float64.
+under 16-bit autocast (book-keeping: c cast to bf16, then c·x rounded to bf16, each <= 2^-8; two-pass: the
+second backward recomputes G with independent bf16 rounding, a statistical allowance: its noise measured at most
+1.3e-3, std 4.4e-4, on the 16-wide test DiT, so 7.8e-3 is 18 standard deviations there), 2^-10 under TF32 (the
+clipped-sum or weight-gradient GEMM rounds its fp32 operands to nearest TF32), 0 in IEEE fp32 and float64.
+``DPGradSampleModule.norm_error_margin`` reports f, its parts and the budgets per norm path.
 
 These are worst-case rounding arguments plus two statistical allowances (the incoherent residual, the two-pass
 recomputation), not proofs about tensor-core internals nobody documents; ``scripts/gpu_check_clipping.py``
