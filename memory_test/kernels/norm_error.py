@@ -44,6 +44,7 @@ measures every mode x precision on the H200. ``MEMORY_TEST_NORM_MARGINS=0`` swit
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class ErrorBudget:
         return self.u_w == 0.0 and self.u_b == 0.0
 
 
+@functools.lru_cache(maxsize=256)
 def exact_budget(path: str, *dtypes) -> ErrorBudget:
     """No margin: the computation is exact up to IEEE rounding (float64, IEEE fp32 dots, elementwise sums)."""
     return ErrorBudget(_describe(path, dtypes, False, 0.0, False), 0.0, 0.0)
@@ -112,6 +114,7 @@ def _describe(path: str, dtypes, tf32: bool, tf32_u: float, tensor_cores: bool) 
     return f"{path} {names} {how}"
 
 
+@functools.lru_cache(maxsize=1024)  # called once per layer and step: a few µs of Python saved each time
 def gram_budget(a_dtype, g_dtype, d: int, p: int, *, tensor_cores_a: bool, tensor_cores_g: bool,
                 tf32: bool, tf32_u: float) -> ErrorBudget:  # fmt: skip
     """Σ (AAᵀ)∘(GGᵀ): each Gram reduces over its own features (d for A, p for G) on its own dot."""
@@ -121,6 +124,7 @@ def gram_budget(a_dtype, g_dtype, d: int, p: int, *, tensor_cores_a: bool, tenso
     return ErrorBudget(key, u_a + u_g + u_a * u_g, u_g)
 
 
+@functools.lru_cache(maxsize=1024)
 def direct_budget(a_dtype, g_dtype, rows: int, *, tensor_cores: bool, tf32: bool, tf32_u: float) -> ErrorBudget:
     """AᵀG reduced over rows on one dot; the bias is a column sum in fp32 on CUDA cores (exact: u_b = 0)."""
     u_a = operand_u(a_dtype, tf32 and tensor_cores, tf32_u)
@@ -137,15 +141,21 @@ def cuda_tf32(device: torch.device) -> bool:
 def torch_budget(path: str, A: torch.Tensor, G: torch.Tensor, dot_dtype: torch.dtype) -> ErrorBudget:
     """Budget of the plain-torch formulas (ghost, and the flash reference) run with ``dot_dtype`` operands:
     bmm through cuBLAS, in TF32 when torch allows it for fp32; 'outer' is elementwise (IEEE)."""
-    tensor_cores = dot_dtype in UNIT_ROUNDOFF or (dot_dtype == torch.float32 and cuda_tf32(A.device))
-    if path == "outer" or not tensor_cores or A.device.type != "cuda":
-        return exact_budget(path, A.dtype, G.dtype)
+    on_gpu = A.device.type == "cuda"
+    return _torch_budget(path, A.dtype, G.dtype, dot_dtype, on_gpu, on_gpu and cuda_tf32(A.device),
+                         A.shape[1], A.shape[-1], G.shape[-1])  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _torch_budget(path, a_dtype, g_dtype, dot_dtype, on_gpu: bool, tf32: bool, T: int, d: int, p: int):
+    tensor_cores = on_gpu and (dot_dtype in UNIT_ROUNDOFF or (dot_dtype == torch.float32 and tf32))
+    if path == "outer" or not tensor_cores:
+        return exact_budget(path, a_dtype, g_dtype)
     tf32 = dot_dtype == torch.float32
-    T, d, p = A.shape[1], A.shape[-1], G.shape[-1]
     if path == "gram":
-        return gram_budget(A.dtype, G.dtype, d, p, tensor_cores_a=True, tensor_cores_g=True, tf32=tf32,
+        return gram_budget(a_dtype, g_dtype, d, p, tensor_cores_a=True, tensor_cores_g=True, tf32=tf32,
                            tf32_u=CUBLAS_TF32_U)  # fmt: skip
-    return direct_budget(A.dtype, G.dtype, T, tensor_cores=True, tf32=tf32, tf32_u=CUBLAS_TF32_U)
+    return direct_budget(a_dtype, g_dtype, T, tensor_cores=True, tf32=tf32, tf32_u=CUBLAS_TF32_U)
 
 
 def coherent_factor(u: float) -> float:

@@ -46,6 +46,7 @@ class _MarginLedger:
     """Per step: the budgets applied per path and precision, and the operand precisions the Linear norms saw."""
 
     def begin_step(self) -> None:
+        self.margins = norm_error.margins_enabled()  # read once per step: the environment lookup is not free
         self._budgets: dict[str, dict] = {}
         self._u_max = 0.0
         self._dtypes: set = set()
@@ -69,7 +70,7 @@ class _MarginLedger:
     def clip_factor(self, *, two_pass: bool, loss_dtype: torch.dtype) -> float:
         """f for this step: the engine clips with f·n (1.0 with margins off; see the module doc)."""
         self._ledger()
-        if not norm_error.margins_enabled():
+        if not self.margins:
             self._factor = _factor_parts(1.0, 1.0, 0.0, f"margins off ({norm_error.MARGINS_ENV}=0)")
             return 1.0
         s, reason = norm_error.coefficient_slack(
@@ -84,7 +85,7 @@ class _MarginLedger:
         """JSON-safe: the rule, the factor and its parts, and the budgets applied in the last step (path and precision
         -> largest u)."""
         self._ledger()
-        enabled = norm_error.margins_enabled()
+        enabled = self.margins
         return {
             "enabled": enabled,
             "rule": RULE if enabled else "c_i = C / (n_i + 1e-6) with the computed norms (no margin)",
@@ -118,7 +119,7 @@ class GhostNorms(_MarginLedger):
         aaT = torch.bmm(A32, A32.transpose(1, 2))
         budget = norm_error.torch_budget("gram", A, G, dtype)
         self._note(budget, A, G)
-        bound = norm_error.margins_enabled() and not budget.exact
+        bound = self.margins and not budget.exact
         if bound:  # + u_w·D: the product's diagonal terms ||A_t||²·||G_t||² scaled by (1 + u_w), in place
             aaT.diagonal(dim1=1, dim2=2).mul_(1.0 + budget.u_w)
         w_sq = (aaT * ggT).sum(dim=(1, 2))
@@ -153,14 +154,16 @@ class FlashNorms(_MarginLedger):
         return self._kernels.choose_path(rows, d, p, dtype)
 
     def linear_sq_norms(self, A: torch.Tensor, G: torch.Tensor, *, with_bias: bool):
-        if not norm_error.margins_enabled():
+        self._ledger()
+        if not self.margins:
             return self._kernels.linear_sq_norms(A, G, with_bias=with_bias)
         w_sq, b_sq, path, budget = self._kernels.linear_sq_norm_bounds(A, G, with_bias=with_bias)
         self._note(budget, A, G)
         return w_sq, b_sq, path
 
     def multi_linear_sq_norms(self, A, Gs, *, with_bias):
-        if not norm_error.margins_enabled():
+        self._ledger()
+        if not self.margins:
             return self._kernels.multi_linear_sq_norms(A, Gs, with_bias=with_bias)
         out = []
         bounds = self._kernels.multi_linear_sq_norm_bounds(A, Gs, with_bias=with_bias)
