@@ -34,6 +34,7 @@ from memory_test.kernels.flash_norms_reference import (  # noqa: E402
     linear_sq_norms_reference,
     opacus_einsum_sq_norms,
 )
+from memory_test.kernels.norm_error import coherent_factor  # noqa: E402
 
 # DiT-XL/2 Linear layers: attention projections and out, MLP fc1, adaLN (as if it had rows), MLP fc2.
 GPU_SHAPES = [(1152, 1152), (1152, 4608), (1152, 6912), (4608, 1152)]
@@ -150,8 +151,9 @@ def run_case(timer, device, dtype_name, B, T, d, p, allow_tf32) -> dict:
     def flash(path):
         return lambda: linear_sq_norms(A, G, with_bias=True, path=path, backend=backend, allow_tf32=allow_tf32)[:2]
 
-    def bound():  # the engine's call: the auto path with the error-margin terms (norm_error)
-        return linear_sq_norm_bounds(A, G, with_bias=True, backend=backend, allow_tf32=allow_tf32)[:2]
+    def bound():  # the engine's call (auto path, the margin's u·D added), times k(u): the full bound (norm_error)
+        w, b, _, budget = linear_sq_norm_bounds(A, G, with_bias=True, backend=backend, allow_tf32=allow_tf32)
+        return w * coherent_factor(budget.u_w), b * coherent_factor(budget.u_b)
 
     calls = {"gram": flash("gram"), "direct": flash("direct"), "opacus": lambda: opacus_einsum_sq_norms(A, G, True)}
     calls["bound"] = bound
