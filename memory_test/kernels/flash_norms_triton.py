@@ -63,10 +63,11 @@ def _gram_store(sa, g_ptr, s_t, P, T, rows_j, rows_k, w_out, b_out, u_w, u_b, DI
     w = tl.sum(prod)
     # ||Σ_t g_t||² is the sum of every entry of G Gᵀ: the bias norm comes free with the Gram tiles.
     b = tl.sum(sg)
-    if BOUND and DIAG:  # row t's ||A_t||² and ||G_t||² sit on the diagonal of the diagonal tile pairs only
-        on_diag = rows_j[:, None] == rows_k[None, :]
-        w += u_w * tl.sum(tl.where(on_diag, prod, 0.0))
-        b += u_b * tl.sum(tl.where(on_diag, sg, 0.0))
+    if BOUND:
+        if DIAG:  # row t's ||A_t||² and ||G_t||² sit on the diagonal of the diagonal tile pairs only
+            on_diag = rows_j[:, None] == rows_k[None, :]
+            w += u_w * tl.sum(tl.where(on_diag, prod, 0.0))
+            b += u_b * tl.sum(tl.where(on_diag, sg, 0.0))
     # Off-diagonal tile pairs stand for both (j, k) and (k, j) of the symmetric Grams.
     scale = 1.0 if DIAG else 2.0
     tl.store(w_out, w * scale)
