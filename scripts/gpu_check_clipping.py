@@ -492,7 +492,12 @@ def parse_args(argv=None):
     ap.add_argument("--clip-fraction", type=float, default=0.5, help="C = this x the probe's median norm")
     ap.add_argument("--init-std", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--deadline-s", type=float, default=450.0, help="cells not started by then are recorded skipped")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=400.0,
+        help="cells not started by then are recorded skipped (the run stays under 8 minutes)",
+    )
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: DiT-tiny, batch 4, on the CPU")
     args = ap.parse_args(argv)
     if args.tiny:
