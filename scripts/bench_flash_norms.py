@@ -25,6 +25,7 @@ from memory_test.kernels import flash_norms_tuning  # noqa: E402
 from memory_test.kernels.flash_norms import (  # noqa: E402
     choose_path,
     kernel_backend,
+    linear_sq_norm_bounds,
     linear_sq_norms,
     multi_linear_sq_norms,
     tf32_rounding,
@@ -33,6 +34,7 @@ from memory_test.kernels.flash_norms_reference import (  # noqa: E402
     linear_sq_norms_reference,
     opacus_einsum_sq_norms,
 )
+from memory_test.kernels.norm_error import coherent_factor  # noqa: E402
 
 # DiT-XL/2 Linear layers: attention projections and out, MLP fc1, adaLN (as if it had rows), MLP fc2.
 GPU_SHAPES = [(1152, 1152), (1152, 4608), (1152, 6912), (4608, 1152)]
@@ -129,6 +131,12 @@ def _rel_err(got: tuple, ref: tuple) -> float:
     return max(float(((g.double() - r).abs() / r.abs().clamp_min(1e-300)).max()) for g, r in zip(got, ref))
 
 
+def _excess(got: tuple, ref: tuple) -> dict:
+    """Signed (bound - exact) / exact over samples, weight and bias squared norms: min < 0 would be a broken bound."""
+    rel = torch.cat([((g.double() - r) / r.abs().clamp_min(1e-300)).flatten() for g, r in zip(got, ref)])
+    return {"min": float(rel.min()), "max": float(rel.max())}
+
+
 def run_case(timer, device, dtype_name, B, T, d, p, allow_tf32) -> dict:
     """One (dtype, T, d, p): every method's time, extra memory, TFLOP/s and error against the float64 reference."""
     dtype = DTYPES[dtype_name]
@@ -143,15 +151,23 @@ def run_case(timer, device, dtype_name, B, T, d, p, allow_tf32) -> dict:
     def flash(path):
         return lambda: linear_sq_norms(A, G, with_bias=True, path=path, backend=backend, allow_tf32=allow_tf32)[:2]
 
+    def bound():  # the engine's call (auto path, the margin's u·D added), times k(u): the full bound (norm_error)
+        w, b, _, budget = linear_sq_norm_bounds(A, G, with_bias=True, backend=backend, allow_tf32=allow_tf32)
+        return w * coherent_factor(budget.u_w), b * coherent_factor(budget.u_b)
+
     calls = {"gram": flash("gram"), "direct": flash("direct"), "opacus": lambda: opacus_einsum_sq_norms(A, G, True)}
+    calls["bound"] = bound
     row = {"dtype": dtype_name, "B": B, "T": T, "d": d, "p": p, "auto_path": auto, "backend": backend}
     row |= {"ms": {}, "extra_peak_bytes": {}, "tflops": {}, "max_rel_err": {}, "errors": {}}
     for method, call in calls.items():
         try:
-            row["max_rel_err"][method] = _rel_err(call(), ref)  # first call also compiles and tunes
+            got = call()  # first call also compiles and tunes
+            row["max_rel_err"][method] = _rel_err(got, ref)
+            if method == "bound":
+                row["bound_excess"] = _excess(got, ref)
             row["extra_peak_bytes"][method] = timer.extra_peak_bytes(call)
             row["ms"][method] = timer.ms(call)
-            flops = B * flops_per_sample(method, T, d, p)
+            flops = B * flops_per_sample(auto if method == "bound" else method, T, d, p)
             row["tflops"][method] = flops / (row["ms"][method] * 1e-3) / 1e12
         except torch.cuda.OutOfMemoryError:
             row["errors"][method] = "oom"
@@ -205,12 +221,16 @@ def _fmt(x, spec: str, missing: str = "-") -> str:
     return missing if x is None else format(x, spec)
 
 
+def _bound_cell(excess: dict | None) -> str:
+    return "-" if excess is None else f"{excess['min']:+.1e} / {excess['max']:+.1e}"
+
+
 def markdown(record: dict) -> str:
     """One line per (dtype, d->p, T): times, speed-up, extra memory, TFLOP/s vs ceiling, errors."""
     ceil = record["ceilings_tflops"]
     head = (
         "| dtype | d→p | T | auto | gram ms | direct ms | opacus ms | auto vs opacus | auto extra MB | opacus extra MB "
-        "| auto TFLOP/s (% roof) | auto rel err | opacus rel err |"
+        "| auto TFLOP/s (% roof) | auto rel err | opacus rel err | bound ms | bound excess min / max |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in record["rows"]:
@@ -228,7 +248,7 @@ def markdown(record: dict) -> str:
             f"| {r['dtype']} | {r['d']}→{r['p']} | {r['T']} | {r['auto_path']} | {cell('gram')} | {cell('direct')} "
             f"| {cell('opacus')} | {_fmt(r.get('speedup_vs_opacus'), '.2f')}× | {_fmt(mb.get('auto'), '.1f')} "
             f"| {_fmt(mb.get('opacus'), '.0f')} | {roof} | {_fmt(err.get('auto'), '.1e')} "
-            f"| {_fmt(err.get('opacus'), '.1e')} |"
+            f"| {_fmt(err.get('opacus'), '.1e')} | {cell('bound')} | {_bound_cell(r.get('bound_excess'))} |"
         )
     lines += [
         "",

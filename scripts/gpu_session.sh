@@ -4,6 +4,8 @@
 #   bash scripts/gpu_session.sh single    # 1 H200: opacus_ghost max batch, opacus_hooks bf16@128, TF32-rounding
 #                                         # kernel bench, BK modes re-measured after the host-overhead changes
 #   bash scripts/gpu_session.sh multi N   # N H200s (2 or 4): sharded update check, sharded sweep, 1-GPU comparison
+#   bash scripts/gpu_session.sh clipping  # 1 H200: max ||clipped contribution|| / C, every mode x precision (issue 15)
+#   bash scripts/gpu_session.sh clipping_cost  # 1 H200: the B=128 fp32/bf16 sweep with margins off, then on
 #
 # On the device box: installs the carried wheels (.whl/) into /tmp/site when opacus is missing, records the commit
 # (set MEMORY_TEST_GIT_SHA in the command: the box's copy has no .git), bounds each part with `timeout` so that a
@@ -13,8 +15,8 @@ cd "$(dirname "$0")/.."
 
 PHASE="${1:-}"
 N="${2:-2}"
-usage() { sed -n '2,10p' "$0"; exit 2; }
-[[ "$PHASE" == single || "$PHASE" == multi ]] || usage
+usage() { sed -n '2,12p' "$0"; exit 2; }
+[[ "$PHASE" =~ ^(single|multi|clipping|clipping_cost)$ ]] || usage
 [[ "$PHASE" == single || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
 PY="${PYTHON:-python3}"
 OUT="${OUT:-/tmp/gpu_session_out}"
@@ -67,6 +69,24 @@ case "$PHASE" in
         # The 1-GPU side of the scaling chart, measured in the same call: the unsharded modes at the same per-GPU batch.
         part 150 "sweep_w1_for_w$N" bash $S "${C[@]}" --output-dir "results/h200_xl2_w$N" \
             --experiments vanilla,bookkeeping,flash_clip_bk --batch-sizes 32,64
+        ;;
+    clipping)
+        TOUCHED=(results/clipping_check)
+        mkdir -p results/clipping_check
+        part 500 clipping_check "$PY" scripts/gpu_check_clipping.py --variants before,after,after_rounding \
+            --output results/clipping_check/h200_xl2_b32.json --markdown results/clipping_check/h200_xl2_b32.md
+        ;;
+    clipping_cost)
+        # Same sweep twice in one call (each with its own vanilla): margins off (before) and on (after); the
+        # ratio comparison needs no GPU (scripts/compare_ratio_sweeps.py, printed at the end).
+        TOUCHED=(results/h200_xl2_margins_off results/h200_xl2_margins_on)
+        for side in off on; do
+            part 280 "sweep_margins_$side" env MEMORY_TEST_NORM_MARGINS="$([[ $side == on ]] && echo 1 || echo 0)" \
+                bash $S "${C[@]}" --output-dir "results/h200_xl2_margins_$side" \
+                --experiments vanilla,bookkeeping,flash_clip_bk,ghost,flash_clip --batch-sizes 128 --precisions fp32,bf16
+        done
+        "$PY" scripts/compare_ratio_sweeps.py --before results/h200_xl2_margins_off \
+            --after results/h200_xl2_margins_on --markdown results/h200_xl2_margins_on/ratio_rise.md
         ;;
     *) usage ;;
 esac

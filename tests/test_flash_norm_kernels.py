@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from memory_test.kernels import flash_norms as fn
+from memory_test.kernels import norm_error
 from memory_test.kernels.flash_norms_reference import (
     linear_sq_norms_reference,
     opacus_einsum_sq_norms,
@@ -242,6 +243,77 @@ def test_shared_input_variant(dtype):
     assert {r[2] for r in fn.multi_linear_sq_norms(A, Gs, with_bias=with_bias)} == expected
 
 
+def _formula_on_reference(A, G, budget):
+    """What the kernels should return: the float64 norms plus u·D from float64 diagonal sums."""
+    w, b = linear_sq_norms_reference(A.double(), G.double(), with_bias=True, path="direct")
+    dw, db = norm_error.incoherent_sums(A.double(), G.double())
+    return norm_error.incoherent_term(w, budget.u_w, dw), norm_error.incoherent_term(b, budget.u_b, db)
+
+
+@kernel_test
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_kernel_bounds_are_the_formula_applied_to_their_own_sums(path):
+    """With TF32 asked for, the budget is not exact; the interpreter multiplies exactly, so w + u·D must equal the
+    float64 norms plus u times the float64 diagonal sums: this checks the u·D the Gram kernel adds on its diagonal
+    tiles (T not a multiple of the tile, 190 tile pairs) and the direct path's row norms."""
+    for i, shape in enumerate(SHAPES + [(2, 300, 5, 6)]):
+        A, G = _pair(*shape, device=KERNEL_DEVICE, seed=i)
+        w, b, used, budget = fn.linear_sq_norm_bounds(A, G, with_bias=True, path=path, allow_tf32=True)
+        assert used == path and budget.u_w >= 2 * norm_error.TF32_TRUNCATION_U
+        assert (budget.u_b > 0) == (path == "gram")  # the direct path's bias is an fp32 column sum
+        want_w, want_b = _formula_on_reference(A, G, budget)
+        _check(w, want_w, 1e-5)
+        _check(b, want_b, 1e-5)
+
+
+@kernel_test
+def test_shared_input_bounds_per_output_gradient():
+    """Six Gram-path gradients (launches of 4 and 2 sharing A's Gram): each its own budget and u·D."""
+    A, _ = _pair(2, 21, 48, 1, device=KERNEL_DEVICE)
+    Gs = [_pair(2, 21, 1, p, device=KERNEL_DEVICE, seed=p)[1] for p in (48, 192, 64, 80, 72, 3)]
+    outs = fn.multi_linear_sq_norm_bounds(A, Gs, with_bias=[True] * 6, path="gram", allow_tf32=True)
+    for G, (w, b, used, budget) in zip(Gs, outs):
+        want_w, want_b = _formula_on_reference(A, G, budget)
+        assert used == "gram" and not budget.exact
+        _check(w, want_w, 1e-5)
+        _check(b, want_b, 1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_exact_budgets_return_the_estimates_unchanged(path):
+    A, G = _pair(2, 37, 20, 24, device=KERNEL_DEVICE)
+    w, b, _, budget = fn.linear_sq_norm_bounds(A, G, with_bias=True, path=path, allow_tf32=False)
+    w0, b0, _ = fn.linear_sq_norms(A, G, with_bias=True, path=path, allow_tf32=False)
+    assert budget.exact and budget.key == f"{path} float32 ieee"
+    assert torch.equal(w, w0) and torch.equal(b, b0)
+
+
+@kernel_test
+@pytest.mark.parametrize("path", ["gram", "direct"])
+def test_bounds_cover_exact_norms_of_adversarial_inputs(path, monkeypatch):
+    """End to end through the kernels: fp32 operands rounded to nearest TF32 in the kernel (FLASH_NORMS_TF32_ROUNDING
+    =1, which the interpreter executes bit for bit), and bf16 operands; the bound must cover the exact float64 norm
+    of the unrounded inputs for rows that cancel, identical rows, rounding-worst mantissas, tiny and huge scales."""
+    from tests.test_norm_error import CASES
+
+    monkeypatch.setenv(fn.TF32_ROUNDING_ENV, "1")
+    for i, (case, make) in enumerate(CASES.items()):
+        for dtype in (torch.float32, torch.bfloat16):
+            A, G = (x.to(device=KERNEL_DEVICE, dtype=dtype) for x in make(2, 21, 17, 12, i))
+            w, b, _, budget = fn.linear_sq_norm_bounds(A, G, with_bias=True, path=path, allow_tf32=True)
+            if dtype == torch.float32:
+                assert "tf32-rounded" in budget.key
+            want_w, want_b = linear_sq_norms_reference(A.double(), G.double(), with_bias=True, path="direct")
+            w, b = w * norm_error.coherent_factor(budget.u_w), b * norm_error.coherent_factor(budget.u_b)
+            # Up to IEEE fp32 rounding (the direct path's bias is an fp32 sum with no margin): 1e-6, the target's.
+            assert (w.double().cpu() >= want_w.cpu() * (1 - 1e-6)).all(), (case, dtype)
+            assert (b.double().cpu() >= want_b.cpu() * (1 - 1e-6)).all(), (case, dtype)
+            if case == "rounding-down mantissas" and dtype == torch.float32:  # the estimate alone is low here
+                w0, _, _ = fn.linear_sq_norms(A, G, with_bias=True, path=path, allow_tf32=True)
+                assert (w0.double().cpu() < want_w.cpu() * (1 - 1e-4)).all()
+
+
 @kernel_test
 def test_float64_takes_the_torch_path_exactly():
     A, G = _pair(2, 19, 6, 5, dtype=torch.float64, device=KERNEL_DEVICE)
@@ -250,6 +322,33 @@ def test_float64_takes_the_torch_path_exactly():
     assert w.dtype == torch.float64
     torch.testing.assert_close(w.cpu(), w_exp.cpu(), rtol=1e-12, atol=0)
     torch.testing.assert_close(b.cpu(), b_exp.cpu(), rtol=1e-12, atol=0)
+
+
+def _hopper_compile(kernel, signature: dict, constexprs: dict, **options):
+    """Compile ``kernel`` for sm_90 on this machine (no GPU needed): Triton's front end and ptxas, not the
+    interpreter, so type and constexpr errors the interpreter forgives show up here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the real kernels: the parent process")
+@pytest.mark.parametrize(("dtype", "prec", "round_"), [("fp32", "tf32", True), ("bf16", "ieee", False)])
+def test_gram_kernel_with_bound_compiles_for_hopper(dtype, prec, round_):
+    pytest.importorskip("triton.backends.nvidia")
+    from memory_test.kernels.flash_norms_triton import gram_kernel
+
+    sig = {"a_ptr": f"*{dtype}", "sa_b": "i32", "sa_t": "i32", "D": "i32"}
+    for i in range(4):
+        sig |= {f"g{i}": f"*{dtype}", f"s{i}b": "i32", f"s{i}t": "i32", f"P{i}": "i32", f"u{i}w": "fp32",
+                f"u{i}b": "fp32"}  # fmt: skip
+    sig |= {"w_part": "*fp32", "b_part": "*fp32", "T": "i32", "B": "i32", "n_pairs": "i32"}
+    consts = dict(NUM_G=2, BLOCK_T=64, BLOCK_K=32, PREC=prec, UPCAST=False, ROUND=round_, BOUND=True)
+    compiled = _hopper_compile(gram_kernel, sig, consts, num_warps=4, num_stages=4)
+    assert compiled.asm["cubin"]
 
 
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason="kernel tests already run in this process")
@@ -264,7 +363,7 @@ def test_kernels_in_the_triton_interpreter():
         "no:cacheprovider",
         __file__,
         "-k",
-        "not interpreter and not script",
+        "not interpreter and not script and not hopper",
     ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]

@@ -124,6 +124,11 @@ def test_every_experiment_writes_a_valid_record(cli, name):
         assert priv["epsilon"] > 0 and priv["delta"] == pytest.approx(1 / 1_281_167)
         assert priv["sample_rate"] == pytest.approx(2 / 1_281_167)
         assert priv["steps"] == 640_584 and priv["accountant"] == "prv"
+        margin = priv["norm_error_margin"]  # engine modes: the margins applied; upstream Opacus: none
+        if EXPERIMENTS[name].family == "engine":
+            assert margin["enabled"] and margin["coefficient_slack"] == 0.0 and margin["by_path"]  # fp32 on CPU
+        else:
+            assert margin is None
     if name == "opacus_ghost":
         frozen = rec["experiment_notes"]["frozen_for_baseline"]
         assert frozen and all(".transformer_blocks.0.norm1.emb." in n for n in frozen)
@@ -144,6 +149,7 @@ def test_noise_multiplicity_and_bf16(cli):
     assert rec["config"]["precision"] == "bf16" and rec["config"]["autocast_dtype"] == "bfloat16"
     assert rec["timing"]["rows_per_s"] == pytest.approx(3 * rec["timing"]["samples_per_s"])
     assert rec["privacy"]["sample_rate"] == pytest.approx(2 / 1_281_167)  # K does not change q
+    assert rec["privacy"]["norm_error_margin"]["coefficient_slack"] == 2 * 2.0**-8 + 2.0**-16  # bf16 operands
 
 
 @pytest.mark.parametrize("case", list(CLI_BAD))

@@ -263,6 +263,13 @@ def dp_backend_info(model: nn.Module) -> dict:
     return out
 
 
+def dp_norm_error_margin(model: nn.Module) -> dict | None:
+    """The engine's clipping margins of the last step (rule, coefficient slack, error budget per norm path and
+    precision: ``DPGradSampleModule.norm_error_margin``); None for models the engine did not wrap."""
+    margin = getattr(model, "norm_error_margin", None)
+    return dict(margin) if isinstance(margin, dict) else None
+
+
 # ----- the training step shared by all entries ---------------------------------------------------------------
 
 

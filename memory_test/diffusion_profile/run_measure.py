@@ -62,6 +62,7 @@ def measure(config: dict, device, partial: dict, dist=None) -> dict:
     from memory_test.diffusion_profile.experiments import (
         RunContext,
         dp_backend_info,
+        dp_norm_error_margin,
         make_train_step,
         reset_dp_state_peak,
         resolve_experiment,
@@ -207,6 +208,8 @@ def measure(config: dict, device, partial: dict, dist=None) -> dict:
         "backends": backends,
         "loss": {"final_mean_loss": loss_value, "finite": math.isfinite(loss_value)},
         "memory_snapshot": snap,
+        # merged into the record's privacy block by run_and_record (upstream Opacus: null, no margin)
+        "privacy_extra": {"norm_error_margin": dp_norm_error_margin(prepared.model)} if exp.private else {},
     }
     if dist is not None:
         result = dist.combine(result, step_ms, config["batch_size"], config["noise_multiplicity"])
@@ -250,7 +253,10 @@ def run_and_record(config: dict, device, dist=None) -> tuple[dict, int]:
     partial: dict = {}
     try:
         result = measure(config, device, partial, dist)
+        extra = result.pop("privacy_extra", {})
         rec.update(result)
+        if rec["privacy"] is not None:
+            rec["privacy"].update(extra)
         rec["status"], code = "ok", records.EXIT_OK
     except Exception as exc:
         oom = _is_oom(exc)

@@ -14,7 +14,8 @@ import os
 import torch
 
 from . import flash_norms_tuning as tuning
-from .flash_norms_reference import as_rows, check_pair, linear_sq_norms_reference
+from . import norm_error
+from .flash_norms_reference import accumulate_dtype, as_rows, check_pair, linear_sq_norms_reference
 
 PATHS = ("gram", "direct", "outer")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,7 +88,8 @@ def tf32_rounding() -> bool:
     """FLASH_NORMS_TF32_ROUNDING=1: round fp32 operands to the nearest TF32 value before TF32 dots (see NOTES).
 
     Off by default until its cost is measured on a GPU: without it the tensor cores truncate, which biases fp32+TF32
-    norms low by ~0.14%; with it the error is unbiased, like cuBLAS' TF32.
+    norms low by ~0.07%; with it the error is unbiased, like cuBLAS' TF32. The clipping margin covers either
+    (norm_error: operand budget 2^-10 truncated, 2^-11 rounded), so rounding only buys a smaller margin.
     """
     value = os.environ.get(TF32_ROUNDING_ENV, "0")
     if value not in ("0", "1"):
@@ -122,8 +124,17 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | None):
-    """Weight and bias partial sums (len(Gs), B) for Gs sharing input A, via one input Gram per tile pair."""
+def _tensor_cores(dtype: torch.dtype, prec: str) -> bool:
+    """Whether a tl.dot of ``dtype`` operands runs on tensor cores (16-bit always; fp32 only as TF32)."""
+    return dtype != torch.float32 or prec == "tf32"
+
+
+def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | None, bound: bool = False):
+    """Weight and bias partial sums (len(Gs), B) for Gs sharing input A, via one input Gram per tile pair.
+
+    With ``bound``: each G's squared norms plus its budget's u·D (``norm_error.incoherent_term``, added by the
+    kernel on its diagonal tile pairs), and the budgets as a third item.
+    """
     from triton import cdiv
 
     from .flash_norms_triton import gram_kernel
@@ -132,6 +143,10 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
     prec = _precision(A.device, [A.dtype, *(g.dtype for g in Gs)], allow_tf32)
     upcast = _interpret() and torch.bfloat16 in (A.dtype, *(g.dtype for g in Gs))
     round_ = prec == "tf32" and tf32_rounding()
+    budgets = [_gram_budget(A.dtype, g.dtype, d, g.shape[-1], prec, round_) for g in Gs]
+    with_d = bound and not all(b.exact for b in budgets)
+    us = [(b.u_w, b.u_b) if with_d else (0.0, 0.0) for b in budgets]
+    us += [(0.0, 0.0)] * (_MAX_SHARED_G - len(Gs))
     padded = Gs + [Gs[0]] * (_MAX_SHARED_G - len(Gs))  # unused slots: NUM_G stops the kernel before them
 
     def run(cfg):
@@ -142,19 +157,27 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
         for lo in range(0, B, _MAX_GRID_Y):
             n = min(_MAX_GRID_Y, B - lo)
             a, gs = A[lo : lo + n], [g[lo : lo + n] for g in padded]
-            g_args = [v for g in gs for v in (g, g.stride(0), g.stride(1), g.shape[-1])]
+            g_args = [v for g, u in zip(gs, us) for v in (g, g.stride(0), g.stride(1), g.shape[-1], *u)]
             gram_kernel[(n_pairs, n)](
                 a, a.stride(0), a.stride(1), d, *g_args, parts[0, :, lo:], parts[1, :, lo:], T, B, n_pairs,
                 NUM_G=len(Gs), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], PREC=prec, UPCAST=upcast, ROUND=round_,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                BOUND=with_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )  # fmt: skip
         return parts
 
-    key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, round_, A.device.index)
+    key = (T, d, tuple(g.shape[-1] for g in Gs), A.dtype, tuple(g.dtype for g in Gs), prec, round_, with_d,
+           A.device.index)  # fmt: skip
     elem = max(x.element_size() for x in (A, *Gs))
     with _on(A.device):
         w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
-    return w, b
+    return (w, b, budgets) if bound else (w, b)
+
+
+def _gram_budget(a_dtype, g_dtype, d, p, prec, round_) -> norm_error.ErrorBudget:
+    tf32_u = norm_error.TF32_ROUNDING_U if round_ else norm_error.TF32_TRUNCATION_U
+    cores_a, cores_g = _tensor_cores(a_dtype, prec), _tensor_cores(g_dtype, prec)
+    return norm_error.gram_budget(a_dtype, g_dtype, d, p, tensor_cores_a=cores_a, tensor_cores_g=cores_g,
+                                  tf32=prec == "tf32", tf32_u=tf32_u)  # fmt: skip
 
 
 def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32: bool | None):
@@ -194,6 +217,50 @@ def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32
     return w.sum(dim=1), (b.sum(dim=1) if with_bias else None)
 
 
+def _direct_budget(A, G, allow_tf32) -> norm_error.ErrorBudget:
+    """The budget of _direct_launch's dot (same dtype and precision rules)."""
+    dot_dtype = A.dtype if A.dtype == G.dtype else torch.promote_types(A.dtype, G.dtype)
+    prec = _precision(A.device, [dot_dtype], allow_tf32)
+    round_ = prec == "tf32" and tf32_rounding()
+    tf32_u = norm_error.TF32_ROUNDING_U if round_ else norm_error.TF32_TRUNCATION_U
+    return norm_error.direct_budget(A.dtype, G.dtype, A.shape[1], tensor_cores=_tensor_cores(dot_dtype, prec),
+                                    tf32=prec == "tf32", tf32_u=tf32_u)  # fmt: skip
+
+
+def _with_incoherent_term(w, b, budget: norm_error.ErrorBudget, A, G):
+    """The torch paths' w + u_w·D and b + u_b·D_b (row norms read once more; nothing to add when exact)."""
+    if budget.exact:
+        return w, b
+    dw, db = norm_error.incoherent_sums(A, G)
+    return (norm_error.incoherent_term(w, budget.u_w, dw),
+            None if b is None else norm_error.incoherent_term(b, budget.u_b, db))  # fmt: skip
+
+
+def _linear(A, G, with_bias, path, backend, allow_tf32, bound):
+    """(w, b, path) estimates, or with ``bound`` (w + u·D, b + u_b·D_b, path, budget) (see norm_error)."""
+    A, G = check_pair(A, G)
+    B, T, d = A.shape
+    chosen = _resolve_path(path, T, d, G.shape[-1], _dot_dtype(A, G))
+    be = _resolve_backend(backend, A.device, [A.dtype, G.dtype])
+    if be == "torch" or chosen == "outer" or A.numel() == 0 or G.numel() == 0:
+        # outer: two row norms per sample, no GEMM worth a kernel; empty inputs: nothing to launch.
+        w, b = linear_sq_norms_reference(A, G, with_bias=with_bias, path=chosen)
+        if not bound:
+            return w, b, chosen
+        budget = norm_error.torch_budget(chosen, A, G, accumulate_dtype(A, G))
+        return *_with_incoherent_term(w, b, budget, A, G), chosen, budget
+    A, G = _rows_major(A), _rows_major(G)
+    if chosen == "gram":
+        out = _gram_launch(A, [G], allow_tf32, bound=bound)
+        w, b = out[0][0], (out[1][0] if with_bias else None)
+        return (w, b, chosen, out[2][0]) if bound else (w, b, chosen)
+    w, b = _direct_launch(A, G, with_bias, allow_tf32)
+    if not bound:
+        return w, b, chosen
+    budget = _direct_budget(A, G, allow_tf32)
+    return *_with_incoherent_term(w, b, budget, A, G), chosen, budget
+
+
 def linear_sq_norms(
     A: torch.Tensor,
     G: torch.Tensor,
@@ -204,32 +271,25 @@ def linear_sq_norms(
     allow_tf32: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """(||A_iᵀG_i||², ||Σ_t G_i,t||² or None, path used) per sample; allow_tf32=None follows torch's matmul flag."""
-    A, G = check_pair(A, G)
-    B, T, d = A.shape
-    chosen = _resolve_path(path, T, d, G.shape[-1], _dot_dtype(A, G))
-    be = _resolve_backend(backend, A.device, [A.dtype, G.dtype])
-    if be == "torch" or chosen == "outer" or A.numel() == 0 or G.numel() == 0:
-        # outer: two row norms per sample, no GEMM worth a kernel; empty inputs: nothing to launch.
-        w, b = linear_sq_norms_reference(A, G, with_bias=with_bias, path=chosen)
-        return w, b, chosen
-    A, G = _rows_major(A), _rows_major(G)
-    if chosen == "gram":
-        w, b = _gram_launch(A, [G], allow_tf32)
-        return w[0], (b[0] if with_bias else None), chosen
-    w, b = _direct_launch(A, G, with_bias, allow_tf32)
-    return w, b, chosen
+    return _linear(A, G, with_bias, path, backend, allow_tf32, bound=False)
 
 
-def multi_linear_sq_norms(
+def linear_sq_norm_bounds(
     A: torch.Tensor,
-    Gs: list[torch.Tensor],
+    G: torch.Tensor,
     *,
-    with_bias: list[bool],
+    with_bias: bool,
     path: str = "auto",
     backend: str = "auto",
     allow_tf32: bool | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor | None, str]]:
-    """linear_sq_norms for layers fed the same input A (q, k, v): Gram-path layers share each A-Gram tile."""
+) -> tuple[torch.Tensor, torch.Tensor | None, str, norm_error.ErrorBudget]:
+    """As ``linear_sq_norms``, plus the error budget used, with each squared norm raised by its incoherent term u·D:
+    k(budget.u_w) times it is an upper bound of the exact one (memory_test.kernels.norm_error; callers summing
+    several layers apply the largest k once). Exact budgets (IEEE fp32, float64) leave the estimates unchanged."""
+    return _linear(A, G, with_bias, path, backend, allow_tf32, bound=True)
+
+
+def _multi(A, Gs, with_bias, path, backend, allow_tf32, bound):
     if len(with_bias) != len(Gs):
         raise ValueError(f"{len(Gs)} output gradients but {len(with_bias)} with_bias flags")
     A = as_rows(A)
@@ -243,10 +303,37 @@ def multi_linear_sq_norms(
         A_rows = _rows_major(A)
         for lo in range(0, len(shared), _MAX_SHARED_G):
             idx = shared[lo : lo + _MAX_SHARED_G]
-            w, b = _gram_launch(A_rows, [_rows_major(Gs[i]) for i in idx], allow_tf32)
+            launched = _gram_launch(A_rows, [_rows_major(Gs[i]) for i in idx], allow_tf32, bound=bound)
             for k, i in enumerate(idx):
-                out[i] = (w[k], b[k] if with_bias[i] else None, "gram")
+                w, b = launched[0][k], (launched[1][k] if with_bias[i] else None)
+                out[i] = (w, b, "gram", launched[2][k]) if bound else (w, b, "gram")
     for i, G in enumerate(Gs):
         if out[i] is None:
-            out[i] = linear_sq_norms(A, G, with_bias=with_bias[i], path=paths[i], backend=be, allow_tf32=allow_tf32)
+            out[i] = _linear(A, G, with_bias[i], paths[i], be, allow_tf32, bound)
     return out
+
+
+def multi_linear_sq_norms(
+    A: torch.Tensor,
+    Gs: list[torch.Tensor],
+    *,
+    with_bias: list[bool],
+    path: str = "auto",
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, str]]:
+    """linear_sq_norms for layers fed the same input A (q, k, v): Gram-path layers share each A-Gram tile."""
+    return _multi(A, Gs, with_bias, path, backend, allow_tf32, bound=False)
+
+
+def multi_linear_sq_norm_bounds(
+    A: torch.Tensor,
+    Gs: list[torch.Tensor],
+    *,
+    with_bias: list[bool],
+    path: str = "auto",
+    backend: str = "auto",
+    allow_tf32: bool | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, str, norm_error.ErrorBudget]]:
+    """linear_sq_norm_bounds for layers fed the same input A (q, k, v): Gram-path layers share each A-Gram tile."""
+    return _multi(A, Gs, with_bias, path, backend, allow_tf32, bound=True)

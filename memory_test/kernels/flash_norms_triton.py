@@ -2,6 +2,9 @@
 
 Both write one fp32 partial per (sample, program) instead of atomically adding into (B,): the launcher sums the
 partials, so results are deterministic and extra memory stays O(B * programs per sample), a few KB per sample.
+With BOUND the Gram kernel adds u_w·D and u_b·Σ_t ||G_t||² to the weight and bias partials of its diagonal tile
+pairs, D = Σ_t ||A_t||²·||G_t||² (the row-incoherent scale of the rounding error, memory_test.kernels.norm_error):
+the bound's data-dependent term at no extra launch or memory.
 """
 
 from __future__ import annotations
@@ -51,47 +54,59 @@ def _gram_tile(base, stride_t, T, K, rows_j, rows_k, DIAG: tl.constexpr, BLOCK_T
 
 
 @triton.jit
-def _gram_store(sa, g_ptr, s_t, P, T, rows_j, rows_k, w_out, b_out, DIAG: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr):
+def _gram_store(sa, g_ptr, s_t, P, T, rows_j, rows_k, w_out, b_out, u_w, u_b, DIAG: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                ROUND: tl.constexpr, BOUND: tl.constexpr):
     """Dot one output-gradient Gram tile with the shared input Gram tile; store the weight and bias partials."""
     sg = _gram_tile(g_ptr, s_t, T, P, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
+    prod = sa * sg
+    w = tl.sum(prod)
+    # ||Σ_t g_t||² is the sum of every entry of G Gᵀ: the bias norm comes free with the Gram tiles.
+    b = tl.sum(sg)
+    if BOUND:
+        if DIAG:  # row t's ||A_t||² and ||G_t||² sit on the diagonal of the diagonal tile pairs only
+            on_diag = rows_j[:, None] == rows_k[None, :]
+            w += u_w * tl.sum(tl.where(on_diag, prod, 0.0))
+            b += u_b * tl.sum(tl.where(on_diag, sg, 0.0))
     # Off-diagonal tile pairs stand for both (j, k) and (k, j) of the symmetric Grams.
     scale = 1.0 if DIAG else 2.0
-    tl.store(w_out, tl.sum(sa * sg) * scale)
-    # ||Σ_t g_t||² is the sum of every entry of G Gᵀ: the bias norm comes free with the Gram tiles.
-    tl.store(b_out, tl.sum(sg) * scale)
+    tl.store(w_out, w * scale)
+    tl.store(b_out, b * scale)
 
 
 @triton.jit
-def _gram_pair(a_ptr, sa_t, D, g0, s0t, P0, g1, s1t, P1, g2, s2t, P2, g3, s3t, P3, w_out, b_out, plane, T,
-               rows_j, rows_k, NUM_G: tl.constexpr, DIAG: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, ROUND: tl.constexpr):
+def _gram_pair(a_ptr, sa_t, D, g0, s0t, P0, u0w, u0b, g1, s1t, P1, u1w, u1b, g2, s2t, P2, u2w, u2b, g3, s3t, P3, u3w,
+               u3b, w_out, b_out, plane, T, rows_j, rows_k, NUM_G: tl.constexpr, DIAG: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               ROUND: tl.constexpr, BOUND: tl.constexpr):
     """The input Gram tile once, then each output gradient's Gram tile against it."""
     sa = _gram_tile(a_ptr, sa_t, T, D, rows_j, rows_k, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
-    _gram_store(sa, g0, s0t, P0, T, rows_j, rows_k, w_out, b_out, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
+    _gram_store(sa, g0, s0t, P0, T, rows_j, rows_k, w_out, b_out, u0w, u0b, DIAG, BLOCK_T, BLOCK_K, PREC, UPCAST,
+                ROUND, BOUND)
     if NUM_G > 1:
-        _gram_store(sa, g1, s1t, P1, T, rows_j, rows_k, w_out + plane, b_out + plane, DIAG, BLOCK_T, BLOCK_K,
-                    PREC, UPCAST, ROUND)
+        _gram_store(sa, g1, s1t, P1, T, rows_j, rows_k, w_out + plane, b_out + plane, u1w, u1b, DIAG, BLOCK_T,
+                    BLOCK_K, PREC, UPCAST, ROUND, BOUND)
     if NUM_G > 2:
-        _gram_store(sa, g2, s2t, P2, T, rows_j, rows_k, w_out + 2 * plane, b_out + 2 * plane, DIAG, BLOCK_T,
-                    BLOCK_K, PREC, UPCAST, ROUND)
+        _gram_store(sa, g2, s2t, P2, T, rows_j, rows_k, w_out + 2 * plane, b_out + 2 * plane, u2w, u2b, DIAG,
+                    BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND, BOUND)
     if NUM_G > 3:
-        _gram_store(sa, g3, s3t, P3, T, rows_j, rows_k, w_out + 3 * plane, b_out + 3 * plane, DIAG, BLOCK_T,
-                    BLOCK_K, PREC, UPCAST, ROUND)
+        _gram_store(sa, g3, s3t, P3, T, rows_j, rows_k, w_out + 3 * plane, b_out + 3 * plane, u3w, u3b, DIAG,
+                    BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND, BOUND)
 
 
 @triton.jit
 def gram_kernel(
     a_ptr, sa_b, sa_t, D,
-    g0, s0b, s0t, P0,
-    g1, s1b, s1t, P1,
-    g2, s2b, s2t, P2,
-    g3, s3b, s3t, P3,
+    g0, s0b, s0t, P0, u0w, u0b,
+    g1, s1b, s1t, P1, u1w, u1b,
+    g2, s2b, s2t, P2, u2w, u2b,
+    g3, s3b, s3t, P3, u3w, u3b,
     w_part, b_part, T, B, n_pairs,
     NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND: tl.constexpr, BOUND: tl.constexpr,
 ):
-    """One program per (upper-triangular T-tile pair, sample): Σ (A Aᵀ)∘(G Gᵀ) over the tile for up to 4 Gs."""
+    """One program per (upper-triangular T-tile pair, sample): Σ (A Aᵀ)∘(G Gᵀ) over the tile for up to 4 Gs
+    (with BOUND plus u_w·D, and u_b·Σ_t ||G_t||² for the bias, on diagonal tile pairs: ``uNw``, ``uNb`` per G)."""
     pid = tl.program_id(0)
     sample = tl.program_id(1).to(tl.int64)  # int64: sample * batch stride can pass 2**31 elements
     # Invert pid = k(k+1)/2 + j (0 <= j <= k); the float root is exact to +-1 for any realistic tile count.
@@ -105,13 +120,13 @@ def gram_kernel(
     out = sample * n_pairs + pid
     plane = B * n_pairs
     if j == k:
-        _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, g1 + sample * s1b, s1t, P1, g2 + sample * s2b, s2t, P2,
-                   g3 + sample * s3b, s3t, P3, w_part + out, b_part + out, plane, T, rows_j, rows_k, NUM_G, True,
-                   BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
+        _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, u0w, u0b, g1 + sample * s1b, s1t, P1, u1w, u1b,
+                   g2 + sample * s2b, s2t, P2, u2w, u2b, g3 + sample * s3b, s3t, P3, u3w, u3b, w_part + out,
+                   b_part + out, plane, T, rows_j, rows_k, NUM_G, True, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND, BOUND)
     else:
-        _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, g1 + sample * s1b, s1t, P1, g2 + sample * s2b, s2t, P2,
-                   g3 + sample * s3b, s3t, P3, w_part + out, b_part + out, plane, T, rows_j, rows_k, NUM_G, False,
-                   BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND)
+        _gram_pair(a, sa_t, D, g0 + sample * s0b, s0t, P0, u0w, u0b, g1 + sample * s1b, s1t, P1, u1w, u1b,
+                   g2 + sample * s2b, s2t, P2, u2w, u2b, g3 + sample * s3b, s3t, P3, u3w, u3b, w_part + out,
+                   b_part + out, plane, T, rows_j, rows_k, NUM_G, False, BLOCK_T, BLOCK_K, PREC, UPCAST, ROUND, BOUND)
 
 
 @triton.jit

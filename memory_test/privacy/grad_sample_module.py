@@ -384,6 +384,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
         acc = torch.float64 if loss_per_sample.dtype == torch.float64 else torch.float32
         self._sq_norm = torch.zeros(n, dtype=acc, device=loss_per_sample.device)
         self._deferred = []
+        self.norm_backend.begin_step()  # its margin ledger: what this step's norms applied and saw
         if n > 0:
             self._record_backward(loss_per_sample, retain_graph)
         self._finish_deferred()
@@ -392,8 +393,18 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 self._finish_layer(state, allow_group=False)
         norms = self._sq_norm.sqrt()
         self._per_sample_gradient_norms = norms
+        # Rounding in the norms and after them (TF32, tensor cores, bf16 coefficients, a recomputing second
+        # backward): the backend's factor makes f * norm an upper bound of what each sample adds (1.0 if exact).
+        factor = self.norm_backend.clip_factor(two_pass=not self.keep_for_bookkeeping, loss_dtype=loss_per_sample.dtype)
+        if factor != 1.0:
+            norms = norms * factor
         self.step_health.note_norms(norms)
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    @property
+    def norm_error_margin(self) -> dict:
+        """The error margins of the last step's clipping (rule, factor, budgets per norm path): for records."""
+        return self.norm_backend.margin_report()
 
     def _check_coverage(self, loss_per_sample: torch.Tensor) -> None:
         """Refuse before any gradient exists if a trainable parameter reaches the loss unseen by the rules."""

@@ -34,13 +34,14 @@ class AffineNormRule:
         """Reduce a (rows, ...) tensor to (rows, *param.shape) by summing the axes the parameter is broadcast over."""
         raise NotImplementedError
 
-    def per_sample(self, module, uses, n) -> dict:
-        """{parameter: (n, *parameter.shape)} summed over every use (a reused layer's uses add up)."""
+    def per_sample(self, module, uses, n, dtype_of=accumulate_dtype) -> dict:
+        """{parameter: (n, *parameter.shape)} summed over every use (a reused layer's uses add up), computed in
+        ``dtype_of(G)`` (the norm backend asks for float64 where its margins need the small layers exact)."""
         out: dict = {}
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         for use in uses:
             x, G = use.inputs[0], use.grad_output
-            dtype = accumulate_dtype(G)
+            dtype = dtype_of(G)
             G = G.to(dtype)
             check_rows(G.shape[0], n)
             if _trainable(weight):
@@ -51,7 +52,7 @@ class AffineNormRule:
         return out
 
     def sq_norm(self, module, uses, n, backend) -> tuple[torch.Tensor, str]:
-        grads = self.per_sample(module, uses, n)
+        grads = self.per_sample(module, uses, n, backend.accumulate_dtype)
         total = sum(g.reshape(n, -1).pow(2).sum(dim=1) for g in grads.values())
         return total, "materialized"
 
