@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import warnings
+import weakref
 from collections import Counter
 
 import torch
@@ -41,6 +43,8 @@ class RecordingAttnProcessor:
     """
 
     def __init__(self, use_flash_attention: bool = True):
+        self._trace_key = next(_NEXT_KEY)
+        _PROCESSORS[self._trace_key] = self
         self.use_flash_attention = use_flash_attention
         self.calls: Counter[str] = Counter()
         self.fallbacks: dict[str, str] = {}
@@ -102,7 +106,7 @@ class RecordingAttnProcessor:
             # Decided once per traced graph, in plain Python, and recorded there: see _kernel_for_trace.
             _, seq, heads, head_dim = q.shape
             name = _kernel_for_trace(
-                self, q.device.type, q.device.index, q.dtype, seq, heads, head_dim, q.requires_grad, scale
+                self._trace_key, q.device.type, q.device.index, q.dtype, seq, heads, head_dim, q.requires_grad, scale
             )
         else:
             name = self._choose(qt, kt, vt, scale)
@@ -171,8 +175,13 @@ class RecordingAttnProcessor:
             warnings.warn(f"use_flash_attention=True but attention runs on SDPA '{backend}': {why}", stacklevel=2)
 
 
+# Processors by key: ``assume_constant_result`` takes Python constants only (torch 2.11 refuses an object argument).
+_PROCESSORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
+
+
 @torch.compiler.assume_constant_result
-def _kernel_for_trace(proc, device_type, device_index, dtype, seq, heads, head_dim, requires_grad, scale) -> str:
+def _kernel_for_trace(proc_key, device_type, device_index, dtype, seq, heads, head_dim, requires_grad, scale) -> str:
     """The kernel for inputs of this kind, chosen by the eager policy on a one-sample probe while Dynamo traces.
 
     ``assume_constant_result`` runs this in plain Python (the CUDA can_use_* queries and the CPU flash probe need
@@ -182,6 +191,7 @@ def _kernel_for_trace(proc, device_type, device_index, dtype, seq, heads, head_d
     device = torch.device(device_type, device_index)
     probe = torch.zeros((1, seq, heads, head_dim), dtype=dtype, device=device, requires_grad=requires_grad)
     probe = probe.transpose(1, 2)  # the strides _attend hands SDPA
+    proc = _PROCESSORS[proc_key]
     name = proc._choose(probe, probe, probe, scale)
     proc.compiled_kernels.add(name)
     return name
