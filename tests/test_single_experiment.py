@@ -309,3 +309,11 @@ def test_git_state_without_a_checkout_takes_the_sha_from_the_environment(tmp_pat
     assert environment.git_state(tmp_path) == {"sha": "abc1234", "dirty": None, "source": "env"}
     monkeypatch.delenv(environment.GIT_SHA_ENV)
     assert environment.git_state(tmp_path) == {"sha": None, "dirty": None, "source": None}
+
+
+def test_git_sha_from_the_environment_wins_over_a_stale_checkout(monkeypatch):
+    """The GPU box's copy carries a .git at the session's first commit: the sha given by the copier is the truth."""
+    from memory_test.profiling import environment
+
+    monkeypatch.setenv(environment.GIT_SHA_ENV, "abc1234")
+    assert environment.git_state() == {"sha": "abc1234", "dirty": None, "source": "env"}

@@ -37,14 +37,16 @@ GIT_SHA_ENV = "MEMORY_TEST_GIT_SHA"  # for a copy of the tree without .git (a GP
 def git_state(repo: Path | None = None) -> dict:
     """Commit sha and whether tracked files differ from it (untracked files are ignored).
 
-    Without a git checkout, ``MEMORY_TEST_GIT_SHA`` (set by whoever copied the tree) is recorded with
-    ``source: "env"`` and ``dirty`` unknown (null); otherwise both are null.
+    ``MEMORY_TEST_GIT_SHA`` (set by whoever copied the tree) wins when set: recorded with ``source: "env"`` and
+    ``dirty`` unknown (null). Otherwise the checkout's own HEAD, or null without one.
     """
     repo = repo or Path(__file__).resolve().parents[2]
+    given = os.environ.get(GIT_SHA_ENV, "").strip()
+    if given:  # set by whoever copied the tree: a copy may carry a stale .git (the GPU box's does) that would lie
+        return {"sha": given, "dirty": None, "source": "env"}
     sha = _git(repo, "rev-parse", "HEAD")
     if sha is None:
-        given = os.environ.get(GIT_SHA_ENV, "").strip()
-        return {"sha": given or None, "dirty": None, "source": "env" if given else None}
+        return {"sha": None, "dirty": None, "source": None}
     status = _git(repo, "status", "--porcelain", "--untracked-files=no")
     return {"sha": sha, "dirty": None if status is None else bool(status), "source": "git"}
 
