@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import os
 import pstats
 import statistics
@@ -34,12 +35,19 @@ from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # n
 from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
 from memory_test.diffusion_profile.dit_models import DIT_MODELS, DiTPreset  # noqa: E402
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.privacy import grad_sample_module  # noqa: E402
 from memory_test.privacy.compiled import compile_regions  # noqa: E402
 
 THIN_XL = DiTPreset(
     "DiT-XL-depth-thin", num_layers=DIT_MODELS["DiT-XL/2"].num_layers, num_attention_heads=2, attention_head_dim=8,
     sample_size=8, num_classes=10,
 )  # fmt: skip
+
+
+def thin_xl(args) -> DiTPreset:
+    return dataclasses.replace(THIN_XL, sample_size=args.sample_size)
+
+
 DP_PHASES = ("record_norms", "write_clipped_grads", "end_step")  # methods of the wrapped model timed by --phases
 
 
@@ -80,7 +88,8 @@ class PhaseTimer:
 
 def build(name: str, args):
     torch.manual_seed(0)
-    model = DiTHuggingFaceWrapper(model_name=THIN_XL, pretrained=False, use_flash_attention=False).train()
+    grad_sample_module.STACK_BYTES = args.stack_bytes
+    model = DiTHuggingFaceWrapper(model_name=thin_xl(args), pretrained=False, use_flash_attention=False).train()
     ctx = RunContext(
         device=torch.device("cpu"), batch_size=args.batch_size, noise_multiplicity=1, noise_multiplier=1.0,
         max_grad_norm=1.0, optimizer="adamw", lr=1e-4, seed=0,
@@ -92,13 +101,13 @@ def build(name: str, args):
         if name == "vanilla":
             compile_regions(prepared.model, regional=True, fullgraph=True)
         else:
-            prepared.model.compile(regional=True, fullgraph=True)
+            prepared.model.compile(regional=True, fullgraph=True, programs=args.programs == "on")
     return prepared
 
 
 def make_step(prepared, args, timer: PhaseTimer):
     """The suite's training step (experiments.make_train_step) with a phase timer around each part."""
-    x0 = torch.randn(args.batch_size, 4, THIN_XL.sample_size, THIN_XL.sample_size)
+    x0 = torch.randn(args.batch_size, 4, args.sample_size, args.sample_size)
     labels = torch.randint(0, THIN_XL.num_classes, (args.batch_size,))
     gen = torch.Generator().manual_seed(2)
     schedule = NoiseSchedule()
@@ -152,9 +161,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default="vanilla,ghost,bookkeeping,flash_clip,flash_clip_bk")
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--sample-size", type=int, default=THIN_XL.sample_size, help="latent side (tokens: (side/2)²)")
+    ap.add_argument(
+        "--stack-bytes", type=int, default=grad_sample_module.STACK_BYTES,
+        help="the engine's stacking budget; --sample-size 16 --stack-bytes 65536 stacks what XL/2 stacks at B>=8 "
+        "(its one-row layers only): at the default the thin layers are so small that all 28 of a kind stack",
+    )  # fmt: skip
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--compile", action="store_true", help="regional Inductor compile (vanilla and DP alike)")
+    ap.add_argument("--programs", choices=["on", "off"], default="on", help="compiled post-backward programs (DP)")
     ap.add_argument("--phases", action="store_true", help="print each mode's phase split (20th percentiles)")
     ap.add_argument("--profile", default=None, help="mode to run under cProfile after timing")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no intra-op noise)")
