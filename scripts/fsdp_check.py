@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_models import build_dit_config  # noqa: E402
+from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.fsdp import shard_dit  # noqa: E402
 
@@ -118,7 +118,7 @@ def sync(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="DiT-tiny", help="a dit_models name, e.g. DiT-XL/2")
+    parser.add_argument("--model", default="DiT-tiny", help="a dit_presets name, e.g. DiT-XL/2")
     parser.add_argument(
         "--mode", default="ghost_fsdp_bk", choices=[n for n, m in MODES.items() if m.distributed] + ["vanilla"]
     )

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_models import build_dit_config  # noqa: E402
+from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 
 

@@ -21,8 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
-from memory_test.diffusion_profile.dit_models import DIT_MODELS, DiTPreset  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.models.dit_presets import DIT_MODELS, DiTPreset  # noqa: E402
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext, make_train_step  # noqa: E402
 
 THIN_XL = DiTPreset(

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch.backends.cuda import SDPAParams
 from torch.nn.attention import SDPBackend
 
-from memory_test.diffusion_profile import attention
-from memory_test.diffusion_profile.attention import RecordingAttnProcessor
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper, PretrainedWeightsNotFoundError
-from memory_test.diffusion_profile.dit_models import DIT_MODELS, build_dit_config, dit_facts, resolve_model_name
+from memory_test.models import attention
+from memory_test.models.attention import RecordingAttnProcessor
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper, PretrainedWeightsNotFoundError
+from memory_test.models.dit_presets import DIT_MODELS, build_dit_config, dit_facts, resolve_model_name
 
 NUM_CLASSES = 10
 SIDE = 8  # latent side of DiT-tiny (img_size 64)

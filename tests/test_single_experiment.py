@@ -217,7 +217,7 @@ def test_oom_becomes_an_oom_record_with_exit_code_3(cli):
 
 
 def test_runtime_failure_becomes_an_error_record(tmp_path, monkeypatch):
-    import memory_test.diffusion_profile.dit_huggingface_wrapper as wrapper
+    import memory_test.models.dit_huggingface_wrapper as wrapper
 
     def broken(**kwargs):
         raise RuntimeError("simulated failure while building the model")

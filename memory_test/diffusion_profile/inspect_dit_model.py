@@ -104,7 +104,7 @@ def _inspect(argv: list[str] | None) -> int:
 
     import torch
 
-    from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
+    from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper
 
     model = DiTHuggingFaceWrapper(
         model_name=args.model, img_size=args.image_size, num_classes=args.num_classes, pretrained=False

@@ -182,7 +182,7 @@ import torch
 
 from memory_test.cli_common.errors import ToolError, run_tool
 from memory_test.diffusion_profile import distributed_launch as dl
-from memory_test.diffusion_profile.dit_models import build_dit_config
+from memory_test.models.dit_presets import build_dit_config
 from memory_test.diffusion_profile.experiments import EXPERIMENTS, experiment_names, resolve_experiment
 from memory_test.diffusion_profile.experiments import single_device_experiments
 from memory_test.diffusion_profile.run_config import UsageError, build_parser, model_for_run, validate

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from memory_test.cli_common.errors import ToolArgumentParser
 from memory_test.diffusion_profile import distributed_launch as dl
-from memory_test.diffusion_profile.dit_models import DIT_MODELS, build_dit_config, resolve_model_name
+from memory_test.models.dit_presets import DIT_MODELS, build_dit_config, resolve_model_name
 from memory_test.profiling import records
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -58,7 +58,7 @@ def measure(config: dict, device, partial: dict, dist=None) -> dict:
     """
     import torch
 
-    from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
+    from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper
     from memory_test.diffusion_profile.experiments import (
         RunContext,
         dp_backend_info,

@@ -24,7 +24,7 @@ from memory_test.cli_common.errors import ToolArgumentParser, ToolError, run_too
 from memory_test.cli_common.files import atomic_path, atomic_write_json, check_output_path
 from memory_test.diffusion.latent_dataset import LatentDataset
 from memory_test.diffusion.objective import EpsilonMSECriterion, make_noisy_batch
-from memory_test.diffusion_profile.dit_models import build_dit_config
+from memory_test.models.dit_presets import build_dit_config
 from memory_test.diffusion_profile.run_config import UsageError, resolve_device
 from memory_test.privacy import MODES, PrivacyEngine, resolve_mode, valid_mode_names
 from memory_test.privacy.errors import PrivacyConfigError
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ToolArgumentParser(prog=TOOL, description=__doc__.splitlines()[0], epilog=HELP_EPILOG)
     p.add_argument("--latents", required=True, help="latent file from `python -m memory_test.diffusion.latent_dataset`")
     p.add_argument(
-        "--model", default="DiT-XL/2", help="DiT preset or Hub name (memory_test.diffusion_profile.dit_models)"
+        "--model", default="DiT-XL/2", help="DiT preset or Hub name (memory_test.models.dit_presets)"
     )
     p.add_argument("--pretrained", action="store_true", help="start from the Hub checkpoint (must be in the HF cache)")
     p.add_argument("--pretrained-path", default=None, help="local diffusers DiT directory for --pretrained")
@@ -209,7 +209,7 @@ def refuse_sharded(mode_name: str) -> None:
 
 def build_model(args: argparse.Namespace, dataset: LatentDataset) -> torch.nn.Module:
     """The DiT wrapper sized for the dataset: its image size and class count."""
-    from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
+    from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper
 
     return DiTHuggingFaceWrapper(
         model_name=args.model,

@@ -11,8 +11,8 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
-from memory_test.diffusion_profile.attention import RecordingAttnProcessor, set_recording_processor
-from memory_test.diffusion_profile.dit_models import (
+from memory_test.models.attention import RecordingAttnProcessor, set_recording_processor
+from memory_test.models.dit_presets import (
     DiTFacts,
     build_dit_config,
     check_latent_channels,
