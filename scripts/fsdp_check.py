@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.fsdp import shard_dit  # noqa: E402
+from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
 
 
 class DiT(nn.Module):
@@ -111,11 +111,6 @@ def reference_update(base, args, batch, device):
     return update, max_grad_norm
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="DiT-tiny", help="a dit_presets name, e.g. DiT-XL/2")
@@ -162,8 +157,8 @@ def main():
     model = shard_dit(copy.deepcopy(base).to(device))
     del base
     before = [p.detach().clone() for p in model.parameters()]
-    if use_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    tracker = MemoryTracker(device, sample=False)
+    tracker.reset_peaks()
     if args.mode == "vanilla":
         optimizer = vanilla_step(model, local)
     else:
@@ -181,22 +176,20 @@ def main():
     groups = optimizer.param_groups if args.mode == "vanilla" else dp_opt.param_groups
     for group in groups:
         group["lr"] = 0.0
-    times = []
+    timer = StepTimer(device)
     for _ in range(args.steps):
         dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        if args.mode == "vanilla":
-            criterion(model(*local[:3]), local[3]).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            crit(dp_model(*local[:3]), local[3]).backward()
-            dp_opt.step()
-            dp_opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if use_cuda else None  # not measured on CPU
+        with timer.step():
+            if args.mode == "vanilla":
+                criterion(model(*local[:3]), local[3]).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                crit(dp_model(*local[:3]), local[3]).backward()
+                dp_opt.step()
+                dp_opt.zero_grad(set_to_none=True)
+    times = timer.finish()
+    peak = tracker.peak_allocated_bytes()  # the allocator's peak: not measured on CPU
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)
     step_times = [None] * world
