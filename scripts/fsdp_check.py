@@ -126,8 +126,7 @@ def main():
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the world size {world}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
@@ -141,13 +140,13 @@ def main():
     base = DiT(config).to(dtype).train()
     batch = make_batch(config, args.global_batch, device, dtype)
 
-    # 1. Reference on rank 0; every rank then uses its clipping bound.
-    shared = [None]
-    if rank == 0:
-        want, max_grad_norm = reference_update(base, args, batch, device)
-        shared = [max_grad_norm]
-        if use_cuda:
-            torch.cuda.empty_cache()
+    # 1. Reference on rank 0, before the process group exists (the engine refuses a single-process mode inside a
+    #    multi-process group: each rank would clip and noise on its own); every rank then uses its clipping bound.
+    want, max_grad_norm = reference_update(base, args, batch, device) if rank == 0 else (None, None)
+    if rank == 0 and use_cuda:
+        torch.cuda.empty_cache()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    shared = [max_grad_norm]
     dist.broadcast_object_list(shared, src=0)
     max_grad_norm = shared[0]
 
