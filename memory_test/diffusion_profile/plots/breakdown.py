@@ -29,7 +29,9 @@ from memory_test.diffusion_profile.plots.style import (
 )
 
 MAX_COLUMNS = 3
-OVERLAP_LABEL = "engine caches at their peak (overlap activations: beside the bar, not stacked)"
+MIN_WIDTH_IN = 8.5  # room for a two-column legend under a single panel
+LEGEND_COLUMN_IN = 4.1  # the longest legend label at fontsize 8, with its patch
+OVERLAP_LABEL = "engine caches at their peak (they overlap activations: not stacked)"
 
 
 def panels_and_notes(df: pd.DataFrame) -> tuple[list, list[str]]:
@@ -47,10 +49,11 @@ def plot_breakdown(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
     scale, unit = byte_unit(float(pd.concat([df["total_bytes"], df["peak_reserved_bytes"]]).max(skipna=True) or 1))
     handles = _legend(parts, df)
     notes += [CPU_CAVEAT] if is_cpu(setting) else []
-    legend_in, notes_in = 0.24 * math.ceil(len(handles) / 3) + 0.1, 0.2 * len(notes) + 0.1
     rows = math.ceil(len(drawn) / MAX_COLUMNS)
     cols = math.ceil(len(drawn) / rows)  # 4 panels: 2 x 2, not 3 + 1
-    width = min(MAX_WIDTH_IN, cols * max(4.0, 0.7 * len(exps) + 1.6))
+    width = min(MAX_WIDTH_IN, max(MIN_WIDTH_IN, cols * max(4.0, 0.7 * len(exps) + 1.6)))
+    ncol = max(1, min(3, int(width // LEGEND_COLUMN_IN)))  # as many legend columns as fit the width
+    legend_in, notes_in = 0.24 * math.ceil(len(handles) / ncol) + 0.1, 0.2 * len(notes) + 0.1
     fig, axes = plt.subplots(rows, cols, figsize=(width, 3.9 * rows + 0.6 + legend_in + notes_in), squeeze=False)
     for ax, b in zip(axes.flat, drawn):
         _panel(ax, df[df["batch_size"] == b].set_index("experiment"), exps, parts, scale)
@@ -62,17 +65,18 @@ def plot_breakdown(df: pd.DataFrame, setting: dict, out: Path) -> Path | None:
     height = fig.get_figheight()
     for i, note in enumerate(reversed(notes)):
         fig.text(0.5, (0.05 + 0.2 * i) / height, note, ha="center", va="bottom", fontsize=8, color="dimgrey")
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False,
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, notes_in / height))  # fmt: skip
     fig.tight_layout(rect=(0, (notes_in + legend_in) / height, 1, 1 - 0.55 / height))
     return finish(fig, out, layout=False)
 
 
 def _part_names(df: pd.DataFrame) -> list[str]:
-    """Stacked parts bottom to top, as the records name them (first record that has them decides the order)."""
+    """Stacked parts bottom to top, as the records name them (the first record that has them decides the order);
+    a part that is zero in every run (no additive DP state here) is left out of the legend."""
     names: list[str] = []
     for parts in df["stacked_parts"].dropna():
-        names += [p for p in parts if p not in names]
+        names += [p for p, v in parts.items() if p not in names and v]
     return names
 
 
@@ -105,7 +109,7 @@ def _legend(parts: list[str], df: pd.DataFrame) -> list:
     handles = [Patch(color=part_color(p, i), label=PART_LABELS.get(p, p)) for i, p in enumerate(parts)]
     if any(bool(v) for o in df["overlapping_parts"].dropna() for v in o.values()):
         handles.append(Patch(facecolor="none", edgecolor=part_color("dp_state", 3), hatch="////", label=OVERLAP_LABEL))
-    handles.append(Line2D([], [], color="black", lw=2, label="peak (allocator on GPU, RSS growth on CPU)"))
+    handles.append(Line2D([], [], color="black", lw=2, label="peak (GPU: allocator; CPU: RSS growth)"))
     if df["peak_reserved_bytes"].notna().any():
         handles.append(Line2D([], [], color="grey", marker="_", ms=12, ls="", label="peak reserved"))
     return handles
