@@ -19,11 +19,19 @@ SWEEP = REPO / "memory_test" / "diffusion_profile" / "run_all_experiments.sh"
 
 
 def _running(pid: int) -> bool:
-    """Alive and not a zombie (a killed child may wait to be reaped by init)."""
+    """Some thread of it is alive and not a zombie (a killed child may wait to be reaped by init). The leader alone
+    is not enough: it turns zombie while the process' other threads (torch's) still exit, holding its files."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return False
+    for task in tasks:
+        try:
+            if (task / "stat").read_text().split(")")[-1].split()[0] != "Z":
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _wait_until(condition, timeout: float = 120.0) -> bool:
