@@ -14,16 +14,17 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
-from memory_test.diffusion_profile.dit_models import DIT_MODELS, DiTPreset  # noqa: E402
-from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext, make_train_step  # noqa: E402
+from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.diffusion_profile.suite.train_step import make_train_step  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.models.dit_presets import DIT_MODELS, DiTPreset  # noqa: E402
+from memory_test.profiling.tracker import StepTimer  # noqa: E402
+from memory_test.records.timing import summarize  # noqa: E402
 
 THIN_XL = DiTPreset(
     "DiT-XL-depth-thin", num_layers=DIT_MODELS["DiT-XL/2"].num_layers, num_attention_heads=2, attention_head_dim=8,
@@ -44,12 +45,12 @@ def measure(name: str, args, profile: bool) -> dict:
     step = make_train_step(prepared, x0, labels, noise_multiplicity=1, autocast_dtype=None, seed=0)
     for _ in range(args.warmup):
         step()
-    times = []
+    timer = StepTimer(torch.device("cpu"))
     for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    out = {"median_ms": statistics.median(times), "p20_ms": sorted(times)[len(times) // 5]}
+        with timer.step():
+            step()
+    timing = summarize(timer.finish(), args.batch_size)
+    out = {"median_ms": timing.median_ms, "p20_ms": timing.p20_ms}
     if profile:
         prof = cProfile.Profile()
         prof.enable()
