@@ -175,7 +175,8 @@ def _record(folder: Path, experiment: str, precision: str, median_ms: float) -> 
         "schema": SCHEMA_NAME, "schema_version": 1, "record_type": "run",
         "experiment": experiment, "status": "ok", "message": None,
         "config": {"experiment": experiment, "batch_size": 128, "model": "DiT-XL/2", "image_size": 256,
-                   "precision": precision, "noise_multiplicity": 1, "use_flash_attention": True, "private": experiment != "vanilla"},
+                   "precision": precision, "noise_multiplicity": 1, "use_flash_attention": True,
+                   "private": experiment != "vanilla"},
         "env": {"device_type": "cuda", "gpu_name": "NVIDIA H200", "utc_time": "2026-01-01T00:00:00+00:00"},
         "timing": {"median_ms": median_ms, "step_times_ms": [median_ms]}, "memory": {"total_bytes": 1}, "model": {},
     }  # fmt: skip
