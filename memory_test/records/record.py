@@ -92,6 +92,7 @@ class RunConfig(Block):
     global_batch_size: int | None = spec(INT)
     fsdp2: bool | None = spec(BOOL)
     memory_snapshot: str | None = spec(STR)
+    compile: str = spec(STR, default="off")  # torch.compile mode of the model (off: eager); absent before: off
     output: str | None = spec(STR)
     find_max_batch: MaxBatchSearch | None = spec(Nested(MaxBatchSearch), omit_none=True)
     extra: dict = extra_keys()
@@ -238,6 +239,26 @@ class Loss(Block):
 
 
 @dataclass(frozen=True)
+class CompileInfo(Block):
+    """``compile``: what torch.compile did in a compiled run (absent for eager runs).
+
+    Compile time is kept out of the step times: warm-up runs until a step compiles nothing, and the compile work of
+    the warm-up is reported here; ``during_timing`` must be all zeros for the step times to exclude recompilation.
+    """
+
+    mode: str | None = spec(STR)  # torch.compile mode: default, max-autotune, reduce-overhead
+    backend: str | None = spec(STR)  # inductor (aot_eager only in tests: MEMORY_TEST_COMPILE_BACKEND)
+    regions: int | None = spec(INT)  # compiled regions (repeated blocks, regional compilation)
+    compile_ms: float | None = spec(NUMBER)  # warm-up steps that compiled, minus an ordinary step each
+    warmup_steps: int | None = spec(INT)  # warm-up steps run (at least config.warmup_iter)
+    graphs: int | None = spec(INT)  # during warm-up: graphs compiled
+    graph_breaks: int | None = spec(INT)
+    recompiles: int | None = spec(INT)
+    during_timing: dict | None = spec(OBJECT)  # graphs, graph_breaks, recompiles during the measured steps
+    extra: dict = extra_keys()
+
+
+@dataclass(frozen=True)
 class Privacy(Block):
     """σ, C and ε at δ for the stated sampling (None/null for vanilla); never per-sample data."""
 
@@ -372,6 +393,7 @@ class Record(Block):
     privacy: Privacy | None = spec(Nested(Privacy))
     experiment_notes: dict | None = spec(OBJECT)
     memory_snapshot: SnapshotInfo | None = spec(Nested(SnapshotInfo), omit_none=True)
+    compile: CompileInfo | None = spec(Nested(CompileInfo), omit_none=True)
     max_batch: MaxBatchResult | None = spec(Nested(MaxBatchResult), omit_none=True)
     distributed: Distributed | None = spec(Nested(Distributed), omit_none=True)
     env: Env = spec(Nested(Env), required=True)

@@ -76,6 +76,8 @@ def make_private_run(args, dataset, privacy: dict, device, ckpt: dict | None) ->
         model, optimizer, criterion, loader = engine.make_private(
             **common, noise_multiplier=privacy["noise_multiplier"]
         )
+    if args.compile != "off":  # the engine's compiled path: sink recording, exact; Poisson sizes: a dynamic batch dim
+        model.compile(regional=True, **({} if args.compile == "default" else {"mode": args.compile}))
     if 1 / len(loader) != privacy["sample_rate"]:
         raise RuntimeError(f"engine sampling rate 1/{len(loader)} differs from the ledger's {privacy['sample_rate']}")
     noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)

@@ -104,7 +104,7 @@ def settings(recs: list[Record], runs: pd.DataFrame, maxb: pd.DataFrame) -> list
 
 def setting_charts(drawing: Drawing, runs: pd.DataFrame, maxb: pd.DataFrame, setting: dict) -> str:
     df, mb_df = select(runs, setting), select(maxb, setting)
-    name = slug(setting[k] for k in SETTING_KEYS)
+    name = slug(setting[k] for k in SETTING_KEYS if not (k == "compile" and setting[k] == "off"))  # eager: old names
     charts = []
     if not df.empty:
         for kind, fn in SETTING_CHARTS:

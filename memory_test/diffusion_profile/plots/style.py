@@ -53,11 +53,12 @@ def byte_unit(max_bytes: float) -> tuple[float, str]:
 
 
 def setting_text(group: dict) -> str:
-    """ "DiT-XL/2 256px, fp32, flash attention[, K=k]" from a setting's model, size, precision, attention and K."""
+    """ "DiT-XL/2 256px, fp32, flash attention[, K=k][, torch.compile (mode)]" from a setting."""
     k = group.get("noise_multiplicity", 1)
+    compiled = group.get("compile", "off")
     return (
         f"{group['model']} {group['image_size']}px, {group['precision']}, {group['attention']} attention"
-        f"{f', K={k}' if k != 1 else ''}"
+        f"{f', K={k}' if k != 1 else ''}{f', torch.compile ({compiled})' if compiled != 'off' else ''}"
     )
 
 

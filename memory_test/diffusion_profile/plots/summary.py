@@ -48,6 +48,7 @@ def runs_table(df: pd.DataFrame) -> pd.DataFrame:
             "samples/s": [_fmt(v, ".1f") for v in df["samples_per_s"]],
             "mem × vanilla": [_fmt(v, ".2f") for v in df["mem_x_vanilla"]],
             "time × vanilla": [_marked(v, ".2f", n) for v, n in zip(df["time_x_vanilla"], ratio_noisy)],
+            "time × fastest vanilla": [_fmt(v, ".2f") for v in df.get("time_x_fastest_vanilla", df["time_x_vanilla"])],
             "attention": df["attention_backend"].fillna(""),
             "kernels": df["kernel_backend"].fillna(""),
         }

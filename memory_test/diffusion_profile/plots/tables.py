@@ -12,7 +12,9 @@ import pandas as pd
 from memory_test.records.record import Record
 
 # Records that differ in any of these are never drawn in one chart.
-SETTING_KEYS = ("device", "model", "image_size", "precision", "noise_multiplicity", "attention")
+SETTING_KEYS = ("device", "model", "image_size", "precision", "noise_multiplicity", "attention", "compile")
+# The same setting whatever torch.compile did: "the fastest vanilla" is looked for across these.
+SETTING_KEYS_ANY_COMPILE = tuple(k for k in SETTING_KEYS if k != "compile")
 
 
 def scaling_family(r: Record) -> str | None:
@@ -37,6 +39,7 @@ def record_row(r: Record) -> tuple[str, dict]:
         "precision": cfg.precision,
         "noise_multiplicity": cfg.noise_multiplicity,
         "attention": cfg.attention,
+        "compile": cfg.compile,
         "experiment": r.experiment,
         "private": cfg.private,
         "batch_size": cfg.batch_size,
@@ -127,7 +130,11 @@ def add_vanilla_ratios(runs: pd.DataFrame) -> pd.DataFrame:
     runs["time_x_vanilla"] = (runs["median_ms"] / runs["_v_ms"]).where(good)
     # a ratio of two medians is as noisy as the noisier of the two
     runs["time_x_vanilla_noisy"] = good & runs["time_x_vanilla"].notna() & (runs["noisy"] | runs["_v_noisy"].eq(True))
-    return runs.drop(columns=["_v_mem", "_v_ms", "_v_noisy"])
+    # against the fastest vanilla at this batch, eager or compiled: what a user would otherwise run
+    fastest = ok.groupby([*SETTING_KEYS_ANY_COMPILE, "batch_size"], dropna=False)["median_ms"].min().rename("_f_ms")
+    runs = runs.join(fastest, on=[*SETTING_KEYS_ANY_COMPILE, "batch_size"])
+    runs["time_x_fastest_vanilla"] = (runs["median_ms"] / runs["_f_ms"]).where(good)
+    return runs.drop(columns=["_v_mem", "_v_ms", "_v_noisy", "_f_ms"])
 
 
 def max_batch_table(runs: pd.DataFrame, maxb: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,7 @@ TOOL = "single_experiment.py"
 IMAGENET_TRAIN_SIZE = 1_281_167
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd")
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 ACCOUNTANTS = ("prv", "rdp")
 RECORD_ONLY = ("skipped", "error")
 
@@ -114,6 +115,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--precision", "runtime", "fp32 = TF32 matmuls; bf16 = autocast", str, "fp32", choices=PRECISIONS,
          field="precision", copy=True, sweep="list", sweep_name="--precisions"),
     Flag("--optimizer", "runtime", "", str, "adamw", choices=OPTIMIZER_NAMES, field="optimizer", copy=True),
+    Flag("--compile", "runtime", "torch.compile the model's repeated blocks (DP modes: dp_model.compile); off: eager",
+         str, "off", choices=COMPILE_MODES, field="compile", copy=True),
     Flag("--lr", "runtime", "", float, 1e-4, rule=FINITE_POSITIVE, field="lr", copy=True),
     Flag("--memory-snapshot", "runtime", "CUDA allocator snapshot (.pickle)", str, metavar="PATH",
          field="memory_snapshot", copy=True, sweep="own"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +23,13 @@ from memory_test.diffusion_profile.suite.experiments import (
 )
 from memory_test.diffusion_profile.suite.train_step import make_train_step
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper
+from memory_test.privacy.compiled import compile_regions
 from memory_test.profiling import memory_breakdown as mb
+from memory_test.profiling.compile_stats import compile_stats
 from memory_test.profiling.tracker import MemoryTracker, StepTimer, memory_snapshot
 from memory_test.records.record import (
     Backends,
+    CompileInfo,
     Distributed,
     Loss,
     Memory,
@@ -39,6 +43,11 @@ from memory_test.records.timing import summarize
 # Test hook: a run whose batch is larger than this raises torch.cuda.OutOfMemoryError at its first step, so that the
 # oom path, the sweep's skipping and the max-batch search can be exercised without a GPU. Recorded in env.
 INJECT_OOM_ENV = "MEMORY_TEST_INJECT_OOM_ABOVE_BATCH"
+# Test hook: compile with this torch.compile backend (e.g. aot_eager: traced like Inductor, without its build time).
+# Recorded in the compile block.
+COMPILE_BACKEND_ENV = "MEMORY_TEST_COMPILE_BACKEND"
+# Compiled runs: warm-up goes on (after --warmup-iter steps) while a step still compiles, at most this many more.
+MAX_EXTRA_WARMUP = 8
 
 BREAKDOWN_SOURCES = {
     "weights": "measured: bytes of parameters and buffers",
@@ -68,6 +77,7 @@ class Measured:
     snapshot: SnapshotInfo
     norm_error_margin: dict | None
     distributed: Distributed | None = None
+    compile: CompileInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class StepRun:
     final_loss: float
     snapshot: dict
     engine_peaks_reset: bool
+    compile: CompileInfo | None = None
 
 
 def measure(config: RunConfig, device, partial: Partial, dist=None) -> Measured:
@@ -89,11 +100,12 @@ def measure(config: RunConfig, device, partial: Partial, dist=None) -> Measured:
     model = build_model(config, device, dist)
     partial.model = model_facts(model, config, sharded=dist is not None)
     prepared = prepare_experiment(config, model, device)
+    regions = compile_model(config, prepared, model)
     partial.model = partial.model.replace(trainable_params=trainable_params(model))
     partial.notes = prepared.notes
     step = make_step(config, prepared, device, dist)
     inject_oom_for_tests(config)
-    run = run_steps(config, step, tracker, prepared, device)
+    run = run_steps(config, step, tracker, prepared, device, regions)
     measured = Measured(
         step_ms=run.step_ms,
         timing=timing_block(config, run, device),
@@ -102,6 +114,7 @@ def measure(config: RunConfig, device, partial: Partial, dist=None) -> Measured:
         loss=Loss(final_mean_loss=run.final_loss, finite=math.isfinite(run.final_loss)),
         snapshot=SnapshotInfo.from_dict(run.snapshot),
         norm_error_margin=norm_error_margin_of(prepared),
+        compile=run.compile,
     )
     return dist.combine(measured, config) if dist is not None else measured
 
@@ -177,6 +190,25 @@ def prepare_experiment(config: RunConfig, model, device) -> Prepared:
     return resolve_experiment(config.experiment).prepare(model, ctx)
 
 
+def compile_model(config: RunConfig, prepared: Prepared, model) -> int:
+    """torch.compile the run's model by repeated block (regional); returns the regions compiled (0: eager).
+
+    DP modes compile through the engine (``dp_model.compile``: sink recording, exact); vanilla compiles the same
+    regions with ``compile_regions``, so that both sides of a ratio are compiled alike.
+    """
+    if config.compile == "off":
+        return 0
+    kwargs = {} if config.compile == "default" else {"mode": config.compile}
+    if os.environ.get(COMPILE_BACKEND_ENV):
+        kwargs["backend"] = os.environ[COMPILE_BACKEND_ENV]
+    if prepared.engine is not None:
+        prepared.engine.compile(regional=True, **kwargs)
+        from memory_test.privacy.compiled import repeated_blocks
+
+        return len(repeated_blocks(model))
+    return compile_regions(model, regional=True, **kwargs)
+
+
 def make_step(config: RunConfig, prepared: Prepared, device, dist=None):
     """The training step on a fixed seeded batch (this rank's rows of the global batch under torchrun)."""
     gen = torch.Generator().manual_seed(config.seed)  # CPU generator: same data on every device
@@ -203,11 +235,11 @@ def inject_oom_for_tests(config: RunConfig) -> None:
         )
 
 
-def run_steps(config: RunConfig, step, tracker: MemoryTracker, prepared: Prepared, device) -> StepRun:
-    """Warm-up steps, then every peak counter reset, then the timed steps."""
+def run_steps(config: RunConfig, step, tracker: MemoryTracker, prepared: Prepared, device, regions=0) -> StepRun:
+    """Warm-up steps (compiled runs: until a step compiles nothing), every peak counter reset, the timed steps."""
     with memory_snapshot(config.memory_snapshot, device) as snap:
-        for _ in range(config.warmup_iter):
-            step()
+        warm = compiled_warmup(config, step, device) if regions else plain_warmup(config, step)
+        before_timing = compile_stats()
         tracker.reset_peaks()
         engine_reset = prepared.engine is not None
         if engine_reset:
@@ -218,7 +250,53 @@ def run_steps(config: RunConfig, step, tracker: MemoryTracker, prepared: Prepare
             with timer.step():
                 loss = step()
         step_ms = timer.finish()
-    return StepRun(step_ms, timer.wall_ms, float(loss), snap, engine_reset)
+    info = compile_info(config, warm, step_ms, regions, compile_stats().since(before_timing)) if regions else None
+    return StepRun(step_ms, timer.wall_ms, float(loss), snap, engine_reset, info)
+
+
+def plain_warmup(config: RunConfig, step) -> None:
+    for _ in range(config.warmup_iter):
+        step()
+
+
+@dataclass(frozen=True)
+class Warmup:
+    compiling_ms: list  # wall time of each warm-up step that compiled something
+    steps: int
+    stats: object  # CompileStats of the whole warm-up
+
+
+def compiled_warmup(config: RunConfig, step, device) -> Warmup:
+    """At least --warmup-iter steps, then on until a step after the compiling ones compiles nothing, so that timing
+    excludes compiling. (A DP model's first step of an input signature runs eagerly: its compile comes second.)"""
+    start, compiling_ms, steps = compile_stats(), [], 0
+    while steps < max(2, config.warmup_iter) + MAX_EXTRA_WARMUP:
+        before, t0 = compile_stats(), time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        steps += 1
+        compiled = compile_stats().since(before)
+        if compiled.graphs or compiled.recompiles:
+            compiling_ms.append((time.perf_counter() - t0) * 1e3)
+        elif compiling_ms and steps >= config.warmup_iter:
+            break
+    return Warmup(compiling_ms, steps, compile_stats().since(start))
+
+
+def compile_info(config: RunConfig, warm: Warmup, step_ms: list, regions: int, during) -> CompileInfo:
+    typical = sorted(step_ms)[len(step_ms) // 2]
+    return CompileInfo(
+        mode=config.compile,
+        backend=os.environ.get(COMPILE_BACKEND_ENV) or "inductor",
+        regions=regions,
+        compile_ms=sum(max(0.0, t - typical) for t in warm.compiling_ms),
+        warmup_steps=warm.steps,
+        graphs=warm.stats.graphs,
+        graph_breaks=warm.stats.graph_breaks,
+        recompiles=warm.stats.recompiles,
+        during_timing=during.as_dict(),
+    )
 
 
 def timing_block(config: RunConfig, run: StepRun, device) -> Timing:

@@ -200,7 +200,7 @@ def validated(name: str, precision: str, batch: str, common: list[str], out_dir:
 
 
 def record_name(config: RunConfig, batch: str) -> str:
-    """``<experiment>__<model>__img<size>__bs<B|max>__<precision>__k<K>__<fa|nofa>[__w<N>].json``."""
+    """``<experiment>__<model>__img<size>__bs<B|max>__<precision>__k<K>__<fa|nofa>[__w<N>][__c<compile>].json``."""
     parts = [
         config.experiment,
         re.sub(r"[^A-Za-z0-9.-]", "_", config.model.replace("/", "-")),
@@ -212,6 +212,8 @@ def record_name(config: RunConfig, batch: str) -> str:
     ]
     if config.world_size > 1:
         parts.append(f"w{config.world_size}")
+    if config.compile != "off":
+        parts.append(f"c{config.compile}")
     return "__".join(parts) + ".json"
 
 

@@ -69,6 +69,7 @@ def with_measurement(rec: Record, m: Measured) -> Record:
         memory_snapshot=m.snapshot,
         distributed=m.distributed,
         privacy=privacy,
+        compile=m.compile,
     )
 
 

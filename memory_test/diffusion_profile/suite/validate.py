@@ -41,6 +41,7 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, object, list[str]]:
     check_batch_fits_dataset(args)
     exp = resolve_experiment(args.experiment)
     check_noise_multiplicity(exp, args.noise_multiplicity)
+    check_compile(exp, args.compile, args.nproc_per_node)
     requested, device = run_devices(args, exp)
     model, notice = model_for_run(args.model, args.patch_size, device)
     dit = dit_config(model, args)
@@ -60,6 +61,26 @@ def check_noise_multiplicity(exp, k: int) -> None:
             f"--experiment {exp.name} is unmodified upstream Opacus, which treats every row as a sample and cannot "
             f"group the K={k} noise draws of one image into one privacy unit",
             "use --noise-multiplicity 1, or an engine mode (e.g. ghost, bookkeeping) which supports K > 1",
+        )
+
+
+def check_compile(exp, mode: str, nproc: int) -> None:
+    """What can run under torch.compile: vanilla and the engine's single-process modes (``dp_model.compile``)."""
+    if mode == "off":
+        return
+    if exp.family == "upstream_opacus":
+        raise UsageError(
+            f"--experiment {exp.name} is unmodified upstream Opacus, whose per-sample hooks do not run under "
+            "torch.compile",
+            "use --compile off, or an engine mode (e.g. flash_clip_bk)",
+        )
+    if nproc > 1:
+        raise UsageError("--compile with --nproc-per-node > 1: FSDP2 runs are eager", "use --compile off")
+    if mode == "reduce-overhead" and exp.private:
+        raise UsageError(
+            f"--compile reduce-overhead with {exp.name}: CUDA graphs are not yet verified exact for the DP modes "
+            "(the recorded layer inputs and output gradients would live in the graphs' memory pool)",
+            "use --compile default or max-autotune for DP modes (reduce-overhead works for vanilla)",
         )
 
 
