@@ -26,6 +26,7 @@ HELP_EPILOG = (
 # reduce-overhead (CUDA graphs) is not yet verified exact for the DP modes (see suite/validate.check_compile).
 TRAIN_COMPILE_MODES = ("off", "default", "max-autotune")
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ToolArgumentParser(prog=TOOL, description=DESCRIPTION, epilog=HELP_EPILOG)
     p.add_argument("--latents", required=True, help="latent file from `python -m memory_test.diffusion.latent_dataset`")
