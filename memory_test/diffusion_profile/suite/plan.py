@@ -230,8 +230,8 @@ def header(configs: list[Configuration], args, gpu: bool, batches: list[int], pr
     lines.append(f"Sweep: {len(configs)} configuration(s) | model {cfg.model} img {cfg.image_size} | device "
                  f"{cfg.device} | experiments {names}")  # fmt: skip
     lines.append(f"       batch sizes {' '.join(map(str, batches))} | precisions {','.join(precisions)} | "
-                 f"K={cfg.noise_multiplicity} | {fa} | compile {cfg.compile} | processes {cfg.nproc_per_node} | records in "
-                 f"{args.output_dir}")  # fmt: skip
+                 f"K={cfg.noise_multiplicity} | {fa} | compile {cfg.compile} | processes {cfg.nproc_per_node} | "
+                 f"records in {args.output_dir}")  # fmt: skip
     return lines
 
 
