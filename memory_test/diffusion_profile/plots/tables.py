@@ -15,6 +15,14 @@ from memory_test.records.record import Record
 SETTING_KEYS = ("device", "model", "image_size", "precision", "noise_multiplicity", "attention", "compile")
 # The same setting whatever torch.compile did: "the fastest vanilla" is looked for across these.
 SETTING_KEYS_ANY_COMPILE = tuple(k for k in SETTING_KEYS if k != "compile")
+# A setting key a table or setting may lack: it predates the key, so it has the value every older record had.
+SETTING_DEFAULTS = {"compile": "off"}
+
+
+def with_setting_defaults(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every SETTING_DEFAULTS column present (tables built before the key existed)."""
+    missing = {k: v for k, v in SETTING_DEFAULTS.items() if k not in frame}
+    return frame.assign(**missing) if missing else frame
 
 
 def scaling_family(r: Record) -> str | None:
@@ -120,6 +128,7 @@ def add_vanilla_ratios(runs: pd.DataFrame) -> pd.DataFrame:
     time_x_vanilla_noisy: either run's step times spread widely (``Timing.noisy``)."""
     if runs.empty:
         return runs
+    runs = with_setting_defaults(runs)
     runs = runs.assign(noisy=runs["noisy"].eq(True) if "noisy" in runs else False)
     ok = runs[(runs["status"] == "ok") & (runs["experiment"] == "vanilla")]
     ref = ok.set_index([*SETTING_KEYS, "batch_size"])[["total_bytes", "median_ms", "noisy"]]
@@ -191,5 +200,6 @@ def select(frame: pd.DataFrame, setting: dict) -> pd.DataFrame:
     """The rows of one setting (SETTING_KEYS)."""
     if frame.empty:
         return frame
-    keys = list(SETTING_KEYS)
-    return frame[(frame[keys] == pd.Series({k: setting[k] for k in keys})).all(axis=1)]
+    frame, keys = with_setting_defaults(frame), list(SETTING_KEYS)
+    wanted = pd.Series({k: setting[k] if k in setting else SETTING_DEFAULTS[k] for k in keys})
+    return frame[(frame[keys] == wanted).all(axis=1)]
