@@ -35,6 +35,7 @@ from memory_test.kernels.flash_norms_reference import (  # noqa: E402
     opacus_einsum_sq_norms,
 )
 from memory_test.kernels.norm_error import coherent_factor  # noqa: E402
+from memory_test.profiling.tracker import StepTimer, extra_peak_bytes  # noqa: E402
 
 # DiT-XL/2 Linear layers: attention projections and out, MLP fc1, adaLN (as if it had rows), MLP fc2.
 GPU_SHAPES = [(1152, 1152), (1152, 4608), (1152, 6912), (4608, 1152)]
@@ -76,7 +77,8 @@ def environment(device: torch.device) -> dict:
 
 
 class Timer:
-    """Median milliseconds of a call: triton.testing.do_bench on CUDA (after its warm-up), perf_counter on CPU."""
+    """Median milliseconds of a call: triton.testing.do_bench on CUDA (after its warm-up; it flushes the L2 cache
+    between calls, which a kernel microbenchmark needs), the suite's StepTimer on CPU."""
 
     def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int):
         self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
@@ -87,23 +89,15 @@ class Timer:
 
             return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
         fn()
-        times = []
+        timer = StepTimer(self.device)
         for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            with timer.step():
+                fn()
+        return statistics.median(timer.finish())
 
     def extra_peak_bytes(self, fn) -> int | None:
         """Peak allocated during one call minus what was allocated before it (inputs): the method's own memory."""
-        if self.device.type != "cuda":
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        return extra_peak_bytes(fn, self.device)
 
 
 def ceilings(timer: Timer, device: torch.device, n: int) -> dict:

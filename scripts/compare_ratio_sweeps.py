@@ -15,8 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.result_tables import SETTING_KEYS, add_vanilla_ratios, records_to_frames  # noqa: E402
-from memory_test.profiling.records import load_records  # noqa: E402
+from memory_test.diffusion_profile.plots.tables import SETTING_KEYS, add_vanilla_ratios, records_to_frames  # noqa: E402
+from memory_test.records.io import load_records  # noqa: E402
 
 KEYS = [*SETTING_KEYS, "experiment", "batch_size"]
 

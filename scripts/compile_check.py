@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
 from memory_test.privacy import PrivacyEngine  # noqa: E402
 from memory_test.privacy.compiled import compile_regions  # noqa: E402
 from memory_test.profiling.compile_stats import compile_stats  # noqa: E402

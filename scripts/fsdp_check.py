@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -27,9 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_models import build_dit_config  # noqa: E402
+from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.fsdp import shard_dit  # noqa: E402
+from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
 
 
 class DiT(nn.Module):
@@ -111,14 +111,9 @@ def reference_update(base, args, batch, device):
     return update, max_grad_norm
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="DiT-tiny", help="a dit_models name, e.g. DiT-XL/2")
+    parser.add_argument("--model", default="DiT-tiny", help="a dit_presets name, e.g. DiT-XL/2")
     parser.add_argument(
         "--mode", default="ghost_fsdp_bk", choices=[n for n, m in MODES.items() if m.distributed] + ["vanilla"]
     )
@@ -131,8 +126,7 @@ def main():
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} must be a multiple of the world size {world}")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
@@ -146,13 +140,13 @@ def main():
     base = DiT(config).to(dtype).train()
     batch = make_batch(config, args.global_batch, device, dtype)
 
-    # 1. Reference on rank 0; every rank then uses its clipping bound.
-    shared = [None]
-    if rank == 0:
-        want, max_grad_norm = reference_update(base, args, batch, device)
-        shared = [max_grad_norm]
-        if use_cuda:
-            torch.cuda.empty_cache()
+    # 1. Reference on rank 0, before the process group exists (the engine refuses a single-process mode inside a
+    #    multi-process group: each rank would clip and noise on its own); every rank then uses its clipping bound.
+    want, max_grad_norm = reference_update(base, args, batch, device) if rank == 0 else (None, None)
+    if rank == 0 and use_cuda:
+        torch.cuda.empty_cache()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    shared = [max_grad_norm]
     dist.broadcast_object_list(shared, src=0)
     max_grad_norm = shared[0]
 
@@ -162,8 +156,8 @@ def main():
     model = shard_dit(copy.deepcopy(base).to(device))
     del base
     before = [p.detach().clone() for p in model.parameters()]
-    if use_cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    tracker = MemoryTracker(device, sample=False)
+    tracker.reset_peaks()
     if args.mode == "vanilla":
         optimizer = vanilla_step(model, local)
     else:
@@ -181,22 +175,20 @@ def main():
     groups = optimizer.param_groups if args.mode == "vanilla" else dp_opt.param_groups
     for group in groups:
         group["lr"] = 0.0
-    times = []
+    timer = StepTimer(device)
     for _ in range(args.steps):
         dist.barrier()
-        sync(device)
-        start = time.perf_counter()
-        if args.mode == "vanilla":
-            criterion(model(*local[:3]), local[3]).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            crit(dp_model(*local[:3]), local[3]).backward()
-            dp_opt.step()
-            dp_opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if use_cuda else None  # not measured on CPU
+        with timer.step():
+            if args.mode == "vanilla":
+                criterion(model(*local[:3]), local[3]).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                crit(dp_model(*local[:3]), local[3]).backward()
+                dp_opt.step()
+                dp_opt.zero_grad(set_to_none=True)
+    times = timer.finish()
+    peak = tracker.peak_allocated_bytes()  # the allocator's peak: not measured on CPU
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)
     step_times = [None] * world

@@ -50,9 +50,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
 from memory_test.kernels.flash_norms import TF32_ROUNDING_ENV  # noqa: E402
 from memory_test.kernels.norm_error import MARGINS_ENV  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.layer_rules import EmbeddingRule, LinearLikeRule, Use  # noqa: E402
 from memory_test.privacy.modes import BOOKKEEPING  # noqa: E402
@@ -60,7 +60,7 @@ from memory_test.privacy.norm_rules import AffineNormRule  # noqa: E402
 from memory_test.privacy.opacus_rules import MaterializedRule  # noqa: E402
 from memory_test.privacy.rules import rule_for  # noqa: E402
 from memory_test.profiling.environment import environment  # noqa: E402
-from memory_test.profiling.records import check_writable_output  # noqa: E402
+from memory_test.records.io import check_writable_output  # noqa: E402
 
 TOLERANCE = 1e-6
 DEFAULT_MODES = ("ghost", "bookkeeping", "flash_clip", "flash_clip_bk")

@@ -19,8 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_test.diffusion_profile.dit_models import build_dit_config  # noqa: E402
-from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
+from memory_test.models.dit_presets import build_dit_config  # noqa: E402
+from memory_test.privacy import MODES, DPGradSampleModule, PrivacyEngine  # noqa: E402
+from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
 
 
 class DiT(nn.Module):
@@ -59,26 +60,25 @@ def one_mode(base, mode, batch, max_grad_norm, steps):
     )
     x, t, y, target = batch
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.cuda.reset_peak_memory_stats()
+    tracker = MemoryTracker(torch.device("cuda"), sample=False)
+    tracker.reset_peaks()
     crit(dp_model(x, t, y), target).backward()
     dp_opt.step()
     dp_opt.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated()
+    peak = tracker.peak_allocated_bytes()
     update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
     del before
-    times = []
     for p_group in dp_opt.param_groups:
         p_group["lr"] = 0.0  # timing steps leave the weights alone
+    timer = StepTimer(torch.device("cuda"))
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        crit(dp_model(x, t, y), target).backward()
-        dp_opt.step()
-        dp_opt.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    backend = dp_model.kernel_backend() if hasattr(dp_model, "kernel_backend") else "torch"
+        with timer.step():
+            crit(dp_model(x, t, y), target).backward()
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+    times = timer.finish()
+    # upstream hooks computes its per-sample gradients in torch; the engine says which kernels it ran
+    backend = dp_model.stats().kernel_backend if isinstance(dp_model, DPGradSampleModule) else "torch"
     del dp_model, dp_opt, model
     torch.cuda.empty_cache()
     return update, {

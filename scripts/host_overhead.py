@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
-from memory_test.diffusion_profile.dit_models import DIT_MODELS, DiTPreset  # noqa: E402
-from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.models.dit_presets import DIT_MODELS, DiTPreset  # noqa: E402
 from memory_test.privacy import grad_sample_module  # noqa: E402
 from memory_test.privacy.compiled import compile_regions  # noqa: E402
 

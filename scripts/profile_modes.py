@@ -2,10 +2,11 @@
 
     python scripts/profile_modes.py --batch-size 128 --precision fp32 --modes vanilla,flash_clip_bk --out-dir $OUT
 
-For each mode, in one process (a same-run comparison): 3 warm-up steps, 6 timed steps (median, CUDA events around
-forward / backward / optimizer; `host_issue`: host time until the step's work is issued, which approaches the step
-time when the step is bound by Python and launches, as at small batches), one step under torch.profiler whose CUDA
-kernels are summed by category.
+For each mode, in one process (a same-run comparison): 3 warm-up steps, 6 timed steps (median; the suite's
+StepTimer marks forward / backward / optimizer with CUDA events; `host_issue`: host time until the step's work is
+issued, which approaches the step time when the step is bound by Python and launches, as at small batches), one
+step under torch.profiler whose CUDA kernels are summed by category. Peaks from the suite's MemoryTracker; the
+engine's cache peak, norm paths and kernel backend from its public stats().
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
-from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
-from memory_test.diffusion_profile.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
 
 # Substrings of CUDA kernel names -> category; first match wins.
 CATEGORIES = (
@@ -68,42 +70,39 @@ def run_mode(name, args, device, x0, labels):
     gen = torch.Generator(device=device).manual_seed(2)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    def step(events=None):
+    def step(marks=None):
         x_t, t, y, eps = make_noisy_batch(x0, labels, args.noise_multiplicity, generator=gen, schedule=schedule)
-        if events:
-            events[0].record()
+        if marks:
+            marks.mark("noise")
         with amp:
             pred = net(x_t, t, y)
         loss = loss_fn(pred, eps)
-        if events:
-            events[1].record()
+        if marks:
+            marks.mark("forward")
         loss.backward()
-        if events:
-            events[2].record()
+        if marks:
+            marks.mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if events:
-            events[3].record()
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    if hasattr(net, "reset_dp_cache_peak"):
-        net.reset_dp_cache_peak()
-    phases = {"forward": [], "backward": [], "optimizer": [], "step": [], "host_issue": []}
+    tracker = MemoryTracker(device, sample=False)
+    tracker.reset_peaks()
+    if prepared.engine is not None:
+        prepared.engine.reset_peaks()
+    timer = StepTimer(device)
     for _ in range(6):
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        t0 = time.perf_counter()
-        step(ev)
-        # Host time to issue the step's work; close to the GPU step time means the step is host-bound.
-        phases["host_issue"].append((time.perf_counter() - t0) * 1e3)
-        torch.cuda.synchronize()
-        phases["forward"].append(ev[0].elapsed_time(ev[1]))
-        phases["backward"].append(ev[1].elapsed_time(ev[2]))
-        phases["optimizer"].append(ev[2].elapsed_time(ev[3]))
-        phases["step"].append(ev[0].elapsed_time(ev[3]))
-    peak = torch.cuda.max_memory_allocated()
+        with timer.step() as marks:
+            step(marks)
+    timer.finish()
+    phases = timer.phase_ms()
+    phases["optimizer"] = phases.pop("rest")
+    phases["step"] = [f + b + o for f, b, o in zip(phases["forward"], phases["backward"], phases["optimizer"])]
+    # Host time to issue the step's work; close to the GPU step time means the step is host-bound.
+    phases["host_issue"] = timer.host_ms
+    del phases["noise"]
+    peak = tracker.peak_allocated_bytes()
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
@@ -118,25 +117,19 @@ def run_mode(name, args, device, x0, labels):
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
     with open(os.path.join(args.out_dir, f"profile_{name}_{args.precision}_b{args.batch_size}.txt"), "w") as f:
         f.write(table)
+    stats = prepared.engine.stats() if prepared.engine is not None else None  # this package's engine only
     result = {
         "phases_ms_median": {k: statistics.median(v) for k, v in phases.items()},
         "peak_allocated_bytes": peak,
-        "dp_cache_peak_bytes": getattr(net, "dp_cache_peak_bytes", None),
+        "dp_cache_peak_bytes": stats.cache_peak_bytes if stats else None,
         "gpu_kernel_ms_by_category": cats,
         "gpu_kernel_ms_total": sum(cats.values()),
         "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12]),
-        "norm_path_counts": _counts(getattr(net, "norm_paths", {})),
-        "kernel_backend": net.kernel_backend() if hasattr(net, "kernel_backend") else None,
+        "norm_path_counts": stats.norm_path_counts if stats else {},
+        "kernel_backend": stats.kernel_backend if stats else None,
         "attention_backend": model.attention_backend,
     }
     return result
-
-
-def _counts(paths):
-    out = {}
-    for p in paths.values():
-        out[p] = out.get(p, 0) + 1
-    return out
 
 
 def main():

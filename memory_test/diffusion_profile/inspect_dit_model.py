@@ -92,6 +92,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(argv: list[str] | None) -> int:
+    args = _parse(argv)
+    check_args(args)
+    from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper
+
+    model = DiTHuggingFaceWrapper(
+        model_name=args.model, img_size=args.image_size, num_classes=args.num_classes, pretrained=False
+    )  # a bad --model/--image-size is a ValueError naming the fix: one line, exit 2
+    model.eval()  # no label dropout in the example forward
+    rows, source = describe(model, args.mode, _example_inputs(model, args.batch_size))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {total:,} parameters ({trainable:,} trainable), {model.tokens_per_sample} tokens per sample")
+    print(f"config: {model.config}")
+    print(f"norm paths from: {source}\n")
+    _print_layers(rows, args.all)
+    return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = ToolArgumentParser(prog=TOOL, description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DiT-XL/2", help="DiT preset, e.g. DiT-XL/2, DiT-B/2, DiT-tiny")
     ap.add_argument("--image-size", type=int, default=None, help="default: the model's")
@@ -99,33 +118,24 @@ def _inspect(argv: list[str] | None) -> int:
     ap.add_argument("--mode", default="bookkeeping", help="DP mode whose norm paths are shown")
     ap.add_argument("--batch-size", type=int, default=2, help="rows of the example forward")
     ap.add_argument("--all", action="store_true", help="list every layer (default: block 0, one other block, head)")
-    args = ap.parse_args(argv)
-    check_args(args)
+    return ap.parse_args(argv)
 
+
+def _example_inputs(model, batch_size: int) -> tuple:
     import torch
 
-    from memory_test.diffusion_profile.dit_huggingface_wrapper import DiTHuggingFaceWrapper
-
-    model = DiTHuggingFaceWrapper(
-        model_name=args.model, img_size=args.image_size, num_classes=args.num_classes, pretrained=False
-    )  # a bad --model/--image-size is a ValueError naming the fix: one line, exit 2
     s = model.sample_size
     gen = torch.Generator().manual_seed(0)
-    inputs = (
-        torch.randn(args.batch_size, model.in_channels, s, s, generator=gen),
-        torch.randint(0, 1000, (args.batch_size,), generator=gen),
-        torch.randint(0, model.num_classes, (args.batch_size,), generator=gen),
+    return (
+        torch.randn(batch_size, model.in_channels, s, s, generator=gen),
+        torch.randint(0, 1000, (batch_size,), generator=gen),
+        torch.randint(0, model.num_classes, (batch_size,), generator=gen),
     )
-    model.eval()  # no label dropout in the example forward
-    rows, source = describe(model, args.mode, inputs)
 
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.model}: {total:,} parameters ({trainable:,} trainable), {model.tokens_per_sample} tokens per sample")
-    print(f"config: {model.config}")
-    print(f"norm paths from: {source}\n")
+
+def _print_layers(rows: list[dict], every_layer: bool) -> None:
     shown = rows
-    if not args.all:
+    if not every_layer:
         shown = [r for r in rows if ".transformer_blocks." not in r["name"] or ".transformer_blocks.0." in r["name"]]
     width = max(len(r["name"]) for r in shown) if shown else 10
     print(f"{'layer':<{width}}  {'type':<18} {'params':>12}  {'uses':>4}  norm path")
@@ -140,7 +150,6 @@ def _inspect(argv: list[str] | None) -> int:
         print(f"  {r['name']} ({r['type']}): {r['uses']} uses")
     paths = Counter(r.get("norm_path") or "-" for r in rows)
     print("norm paths: " + ", ".join(f"{k}: {v}" for k, v in sorted(paths.items())))
-    return 0
 
 
 if __name__ == "__main__":

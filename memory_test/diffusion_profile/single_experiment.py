@@ -17,111 +17,27 @@ Examples:
         --batch-size 16 --output results/ghost_fsdp_bk_w2.json
 
 With ``--nproc-per-node N`` > 1 (sharded modes, and ``vanilla`` as a plain FSDP2 baseline) the run re-launches
-itself under ``torchrun --standalone``; ``--batch-size`` is then the per-GPU batch (see distributed_launch.py).
+itself under ``torchrun --standalone``; ``--batch-size`` is then the per-GPU batch. The work is done by
+``memory_test.diffusion_profile.suite`` (flags, validation, measurement, max-batch search, launch).
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python single_experiment.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from memory_test.cli_common.errors import ToolError, run_tool  # noqa: E402
-from memory_test.diffusion_profile import distributed_launch as dl  # noqa: E402
-from memory_test.diffusion_profile.max_batch_search import (  # noqa: E402,F401  (re-exported: tests, sweep)
-    ProbeFailed,
-    config_to_argv,
-    find_max_batch,
-    search_max_batch,
-)
-from memory_test.diffusion_profile.run_config import (  # noqa: E402,F401
-    ACCOUNTANTS,
-    IMAGENET_TRAIN_SIZE,
-    INJECT_OOM_ENV,
-    OPTIMIZER_NAMES,
-    PRECISIONS,
-    REPO_ROOT,
-    UsageError,
-    build_parser,
-    parse_bracket,
-    privacy_block,
-    resolve_device,
-    validate,
-)
-from memory_test.diffusion_profile.run_measure import _env, base_record, measure, run_and_record  # noqa: E402,F401
-from memory_test.profiling import records
-
-# ----- entry point --------------------------------------------------------------------------------------------
-
-TOOL = "single_experiment.py"
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.diffusion_profile.suite.flags import TOOL  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memory_test.diffusion_profile.suite import cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_tool(TOOL, lambda: _run(argv))
-
-
-def _run(argv: list[str]) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the benchmark seeds its noise on purpose
-    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: no record, probe processes killed
-    from memory_test.diffusion_profile.experiments import experiment_names
-
-    parser = build_parser(experiment_names())
-    args = parser.parse_args(argv)
-    try:
-        config, device, notices = validate(args)
-    except UsageError as e:
-        raise ToolError(str(e), None if " — " in str(e) else f"see `{TOOL} --help`") from None
-    for n in notices:
-        print(f"note: {n}", file=sys.stderr)
-
-    if args.record_only:
-        rec = base_record(config, _env(device), record_type="max_batch" if args.find_max_batch else "run")
-        if args.find_max_batch:
-            rec["max_batch"] = {"max_batch_size": None, "first_oom_batch_size": None, "probes": []}
-        message = args.record_message or f"recorded as {args.record_only} without running"
-        rec.update(status=args.record_only, message=message, exit_code=None, recorded_by="sweep")
-        records.write_record_atomic(args.output, rec)
-        return records.EXIT_OK
-    if dl.is_worker():  # one rank of a torchrun launch (started below, by the parent process)
-        if args.find_max_batch:
-            raise ToolError("--find-max-batch runs in the launching process", "run it without torchrun")
-        return dl.run_worker(config, device, report)
-    if args.find_max_batch:
-        rec, code = find_max_batch(config, device, args)
-    elif args.nproc_per_node > 1:
-        return dl.launch(argv, config, device, report)
-    else:
-        rec, code = run_and_record(config, device)
-    records.write_record_atomic(args.output, rec)
-    report(rec, config)
-    return code
-
-
-def report(rec: dict, config: dict) -> None:
-    """One console line about a written record."""
-    summary = f"{config['experiment']} batch={rec['config']['batch_size']} {config['precision']} {config['device']}"
-    if config.get("nproc_per_node", 1) > 1:
-        summary += f" x{config['nproc_per_node']} processes"
-    out = config["output"]
-    if rec["status"] == "ok" and rec["record_type"] == "max_batch":
-        print(f"{summary}: max batch {rec['max_batch']['max_batch_size']} -> {out}")
-    elif rec["status"] == "ok":
-        t, m = rec["timing"], rec["memory"]
-        peak = m.get("total_bytes")
-        peak_s = f"{peak / 2**20:.1f} MiB" if peak is not None else "n/a"
-        print(f"{summary}: peak {peak_s}, median step {t['median_ms']:.2f} ms{dl.describe(rec)} -> {out}")
-    else:
-        print(f"{summary}: {rec['status'].upper()}: {rec['message']} -> {out}", file=sys.stderr)
+    return run_tool(TOOL, lambda: cli.run(argv, __doc__.split("\n\n")[0]))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from .errors import (
 )
 from .grad_sample_module import DPGradSampleModule
 from .modes import MODES, Mode, resolve_mode, valid_mode_names
+from .stats import EngineStats
 
 __all__ = [
     "MODES",
     "CoverageError",
     "CriterionError",
     "DPGradSampleModule",
+    "EngineStats",
     "LayoutError",
     "Mode",
     "NonFiniteSampleError",

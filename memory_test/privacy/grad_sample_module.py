@@ -21,6 +21,7 @@ from .errors import CoverageError, LayoutError, PrivacyConfigError, SharedParame
 from .layer_rules import LINEAR_RULE, ClipCoefficients, LinearLikeRule, Use
 from .layout_check import LayoutCheck, batch_rows
 from .rules import lookup, supported_layer_names
+from .stats import EngineStats
 from .step_cache import StepCache
 from .step_health import StepHealth
 
@@ -520,6 +521,27 @@ class DPGradSampleModule(AbstractGradSampleModule):
         """'triton' or 'torch': what computes the Linear norms for this model's device and parameter dtype."""
         p = next(self._module.parameters())
         return self.norm_backend.kernel_backend(p.device, p.dtype)
+
+    def stats(self) -> EngineStats:
+        """The engine's cache peak since ``reset_peaks()``, each layer's norm path and the kernel backend."""
+        backend = self.kernel_backend()
+        rounding = None
+        if backend == "triton":  # fp32 TF32 dots: operands rounded to nearest TF32, or truncated by the tensor cores
+            from memory_test.kernels.flash_norms import tf32_rounding
+
+            rounding = tf32_rounding()
+        return EngineStats(
+            cache_peak_bytes=self._cache.peak_bytes,
+            kernel_backend=backend,
+            norm_paths=dict(self.norm_paths),
+            flash_tf32_rounding=rounding,
+            # Slot for issue 15's public DPGradSampleModule.norm_error_margin: read when present, None before it.
+            norm_error_margin=getattr(self, "norm_error_margin", None),
+        )
+
+    def reset_peaks(self) -> None:
+        """Restart every peak ``stats()`` reports from what is held now (call it after warm-up steps)."""
+        self.reset_dp_cache_peak()
 
 
 def _detach(x):

@@ -44,7 +44,7 @@ warnings.filterwarnings(
     "ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'norm_error"
 )
 
-# Rules whose per-layer work is traced into programs (each exercised by tests/test_compile_programs.py).
+# Rules whose per-layer work is traced into programs (each exercised by tests/privacy/test_compile_programs.py).
 PROGRAM_RULES = (LinearLikeRule, ConvRule, EmbeddingRule, LayerNormRule, RMSNormRule, GroupNormRule)
 
 

@@ -1,5 +1,6 @@
-"""Measurement code for the DiT profiling suite: timing, memory peaks, environment, records.
+"""Measurement for the DiT profiling suite and the scripts: step timing, memory peaks, breakdown, environment.
 
-Nothing here knows about differential privacy. ``records`` is pure standard library so that the plotting script
-can use it without importing torch; import the other modules explicitly (they import torch lazily or directly).
+Torch-side measurement only: nothing here knows about differential privacy (a caller supplies its own memory
+parts, e.g. the DP engine's caches) or about records (``memory_test.records`` turns these numbers into one). Import
+the modules explicitly; they import torch.
 """

@@ -1,9 +1,10 @@
-"""Where the peak went: weights, gradients, optimizer state, DP state and the (derived) remainder.
+"""Where the peak went: weights, gradients, optimizer state, any parts the caller measured, and the remainder.
 
-Measured parts are byte counts of live tensors taken after the last measured step (before ``zero_grad``) or, for
-the DP state, the engine's own peak counter. ``activations_and_other`` is derived as ``peak - sum(parts)``: it
-holds activations saved for backward, temporaries, workspace and anything else; with gradients released during
-the step (``zero_grad(set_to_none=True)``) the gradient part is an upper bound of what was live at the peak, so the
+The base parts are byte counts of live tensors taken after the last measured step (before ``zero_grad``); a caller
+adds its own parts (a trainer's extra state, from its own counters) and says which of them share storage with the
+remainder (``overlapping``). ``activations_and_other`` is derived as ``peak - sum(parts)``: activations saved for
+backward, temporaries, workspace and anything else; with gradients released during the step
+(``zero_grad(set_to_none=True)``) the gradient part is an upper bound of what was live at the peak, so the
 remainder is then a lower bound.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-PARTS = ("weights", "gradients", "optimizer_state", "dp_state", "activations_and_other")
+BASE_PARTS = ("weights", "gradients", "optimizer_state")
+REMAINDER = "activations_and_other"
 
 
 def _local(t):
@@ -57,25 +59,29 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return _unique_bytes(tensors)
 
 
-def build_breakdown(peak_bytes: int | None, measured: dict[str, int | None]) -> dict:
-    """Parts that add up to ``peak_bytes``: the measured ones plus the derived ``activations_and_other``."""
-    parts = {k: int(measured.get(k) or 0) for k in PARTS if k != "activations_and_other"}
+def build_breakdown(peak_bytes: int | None, measured: dict[str, int | None], overlapping: tuple[str, ...] = ()) -> dict:
+    """Parts that add up to ``peak_bytes``: ``measured`` (BASE_PARTS first, then the caller's own, in its order;
+    None: not available) plus the derived remainder. ``overlapping`` names measured parts whose storage the
+    remainder also holds: the remainder is then smaller by their size and may fall below zero."""
+    names = [*BASE_PARTS, *(k for k in measured if k not in BASE_PARTS)]
+    parts = {k: int(measured.get(k) or 0) for k in names}
     out = {
         "total_bytes": peak_bytes,
         "parts_bytes": dict(parts),
-        "measured": [k for k in parts if measured.get(k) is not None],
-        "derived": ["activations_and_other"],
-        "not_available": [k for k in parts if measured.get(k) is None],
+        "measured": [k for k in names if measured.get(k) is not None],
+        "derived": [REMAINDER],
+        "not_available": [k for k in names if measured.get(k) is None],
+        "overlapping": [k for k in overlapping if k in parts],
     }
     if peak_bytes is None:
-        out["parts_bytes"]["activations_and_other"] = None
+        out["parts_bytes"][REMAINDER] = None
         out["note"] = "no peak counter on this device: parts are listed without a remainder"
         return out
     rest = int(peak_bytes) - sum(parts.values())
-    out["parts_bytes"]["activations_and_other"] = rest
+    out["parts_bytes"][REMAINDER] = rest
     if rest < 0:
         out["note"] = (
-            "measured parts exceed the peak (tensors allocated after the peak moment, or a sampled peak that "
-            "missed the spike); the remainder is negative"
+            "measured parts exceed the peak (parts that overlap the remainder, tensors allocated after the peak "
+            "moment, or a sampled peak that missed the spike); the remainder is negative"
         )
     return out

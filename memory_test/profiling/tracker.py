@@ -1,17 +1,20 @@
-"""Step timing and memory peaks for one process, the same for every training mode.
+"""Step timing and memory peaks for one process, the same for every training mode and every script.
 
 - ``StepTimer``: per-step wall time from CUDA events recorded around each step on the current stream (on CPU,
-  ``time.perf_counter``). No host synchronisation happens inside a step; ``finish()`` synchronises once.
+  ``time.perf_counter``), optionally split into phases, plus each step's host time. No host synchronisation
+  happens inside a step; ``finish()`` synchronises once.
 - ``MemoryTracker``: torch allocator peaks (allocated, reserved) reset after warm-up, plus a ``PeakSampler``
   thread that samples device-wide used memory through NVML (nvidia-ml-py) or, on CPU, the process' RSS.
+- ``extra_peak_bytes``: what one call allocates at its peak beyond its inputs (kernel benchmarks).
 - ``memory_snapshot``: records allocator history for https://pytorch.org/memory_viz.
+
+Statistics of the times (median, percentiles) are arithmetic on plain lists: ``memory_test.records.timing``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import threading
 import time
 
@@ -21,29 +24,32 @@ from memory_test.cli_common.files import atomic_path
 
 
 class StepTimer:
-    """Times steps with CUDA events (GPU) or perf_counter (CPU); read results after ``finish()``."""
+    """Times steps with CUDA events (GPU) or perf_counter (CPU); read the results after ``finish()``.
+
+    ``with timer.step() as step:`` brackets one step; ``step.mark("forward")`` inside it ends a phase, so that
+    ``phase_ms()`` splits every step (the part after the last mark is "rest"). ``host_ms`` holds each step's host
+    time, until its work was issued: on a GPU it approaches the step time when the step is bound by Python and
+    kernel launches rather than by the GPU.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._events: list[tuple] = []
-        self._cpu_ms: list[float] = []
+        self._steps: list[_Marks] = []
         self._wall_start = None
         self.wall_ms = None
+        self.host_ms: list[float] = []
 
     @contextlib.contextmanager
     def step(self):
         if self._wall_start is None:
             self._wall_start = time.perf_counter()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self._cpu_ms.append((time.perf_counter() - t0) * 1e3)
+        marks = _Marks(self.cuda)
+        t0 = time.perf_counter()
+        marks.mark("start")
+        yield marks
+        marks.mark("end")
+        self.host_ms.append((time.perf_counter() - t0) * 1e3)
+        self._steps.append(marks)
 
     def finish(self) -> list[float]:
         """Synchronise once and return the per-step times in ms."""
@@ -51,35 +57,48 @@ class StepTimer:
             torch.cuda.synchronize()
         if self._wall_start is not None:
             self.wall_ms = (time.perf_counter() - self._wall_start) * 1e3
+        return [m.elapsed(0, len(m.points) - 1) for m in self._steps]
+
+    def phase_ms(self) -> dict[str, list[float]]:
+        """Phase name -> each step's time from the previous mark to that mark, in ms (after ``finish()``)."""
+        phases: dict[str, list[float]] = {}
+        for m in self._steps:
+            names = [name for name, _ in m.points[1:-1]] + ["rest"]
+            for i, name in enumerate(names):
+                phases.setdefault(name, []).append(m.elapsed(i, i + 1))
+        return phases
+
+
+class _Marks:
+    """The time points of one step: CUDA events recorded on the current stream, or perf_counter readings."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.points: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
         if self.cuda:
-            return [s.elapsed_time(e) for s, e in self._events]
-        return list(self._cpu_ms)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append((name, event))
+        else:
+            self.points.append((name, time.perf_counter()))
+
+    def elapsed(self, i: int, j: int) -> float:
+        a, b = self.points[i][1], self.points[j][1]
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def _percentile(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method) of an already sorted list."""
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = (len(sorted_vals) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
-def timing_summary(step_ms: list[float], samples_per_step: int) -> dict:
-    """Median, p20, p80, mean, min, max of per-step times and samples/s at the median."""
-    vals = sorted(step_ms)
-    median = statistics.median(vals)
-    return {
-        "step_times_ms": [round(v, 4) for v in step_ms],
-        "median_ms": median,
-        "p20_ms": _percentile(vals, 0.2),
-        "p80_ms": _percentile(vals, 0.8),
-        "mean_ms": statistics.fmean(vals),
-        "min_ms": vals[0],
-        "max_ms": vals[-1],
-        "samples_per_s": samples_per_step / (median / 1e3) if median > 0 else None,
-    }
+def extra_peak_bytes(fn, device: torch.device) -> int | None:
+    """Peak bytes allocated during one call of ``fn`` beyond what was allocated before it (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 # ----- sampled peaks ------------------------------------------------------------------------------------------
@@ -184,12 +203,17 @@ class PeakSampler:
 
 
 class MemoryTracker:
-    """Allocator peaks (reset after warm-up) plus the sampled device/process peak."""
+    """Allocator peaks (reset after warm-up) plus the sampled device/process peak.
 
-    def __init__(self, device: torch.device, sample_interval_s: float = 0.005):
+    ``sample=False`` skips the sampling thread (scripts that need only the allocator's peak).
+    """
+
+    def __init__(self, device: torch.device, sample_interval_s: float = 0.005, sample: bool = True):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.sampler = PeakSampler(device, sample_interval_s).start()
+        self.sampler = PeakSampler(device, sample_interval_s)
+        if sample:
+            self.sampler.start()
 
     def reset_peaks(self):
         """Call after warm-up: every peak from here on covers the measured steps only."""
@@ -200,6 +224,10 @@ class MemoryTracker:
 
     def allocated_now(self) -> int | None:
         return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def peak_allocated_bytes(self) -> int | None:
+        """``torch.cuda.max_memory_allocated`` since the last ``reset_peaks()`` (None off CUDA)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
 
     def result(self) -> dict:
         self.sampler.stop()
