@@ -46,6 +46,9 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_tracing = torch.compiler.is_dynamo_compiling  # True while Dynamo traces a program that calls these launchers
+
+
 def kernel_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """'triton' on CUDA (or CPU under TRITON_INTERPRET=1), 'torch' elsewhere and for float64 inputs."""
     device = torch.device(device)
@@ -135,18 +138,28 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
     With ``bound``: each G's squared norms plus its budget's u·D (``norm_error.incoherent_term``, added by the
     kernel on its diagonal tile pairs), and the budgets as a third item.
     """
-    from triton import cdiv
-
-    from .flash_norms_triton import gram_kernel
-
     B, T, d = A.shape
     prec = _precision(A.device, [A.dtype, *(g.dtype for g in Gs)], allow_tf32)
     upcast = _interpret() and torch.bfloat16 in (A.dtype, *(g.dtype for g in Gs))
     round_ = prec == "tf32" and tf32_rounding()
     budgets = [_gram_budget(A.dtype, g.dtype, d, g.shape[-1], prec, round_) for g in Gs]
     with_d = bound and not all(b.exact for b in budgets)
-    us = [(b.u_w, b.u_b) if with_d else (0.0, 0.0) for b in budgets]
-    us += [(0.0, 0.0)] * (_MAX_SHARED_G - len(Gs))
+    us = [u for b in budgets for u in ((b.u_w, b.u_b) if with_d else (0.0, 0.0))]
+    run = flash_gram_norms if _tracing() else _gram_norms  # an op in a traced program, a plain call eagerly
+    w, b = run(A, Gs, us, prec, upcast, round_, with_d)
+    return (w, b, budgets) if bound else (w, b)
+
+
+def _gram_norms(
+    A: torch.Tensor, Gs: list[torch.Tensor], us: list[float], prec: str, upcast: bool, round_: bool, with_d: bool
+) -> torch.Tensor:
+    """The Gram kernel's launcher: (2, len(Gs), B) weight and bias sums; ``us`` = (u_w, u_b) of each G, flat."""
+    from triton import cdiv
+
+    from .flash_norms_triton import gram_kernel
+
+    B, T, d = A.shape
+    pairs = [(us[2 * i], us[2 * i + 1]) for i in range(len(Gs))] + [(0.0, 0.0)] * (_MAX_SHARED_G - len(Gs))
     padded = Gs + [Gs[0]] * (_MAX_SHARED_G - len(Gs))  # unused slots: NUM_G stops the kernel before them
 
     def run(cfg):
@@ -157,7 +170,7 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
         for lo in range(0, B, _MAX_GRID_Y):
             n = min(_MAX_GRID_Y, B - lo)
             a, gs = A[lo : lo + n], [g[lo : lo + n] for g in padded]
-            g_args = [v for g, u in zip(gs, us) for v in (g, g.stride(0), g.stride(1), g.shape[-1], *u)]
+            g_args = [v for g, u in zip(gs, pairs) for v in (g, g.stride(0), g.stride(1), g.shape[-1], *u)]
             gram_kernel[(n_pairs, n)](
                 a, a.stride(0), a.stride(1), d, *g_args, parts[0, :, lo:], parts[1, :, lo:], T, B, n_pairs,
                 NUM_G=len(Gs), BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], PREC=prec, UPCAST=upcast, ROUND=round_,
@@ -169,8 +182,17 @@ def _gram_launch(A: torch.Tensor, Gs: list[torch.Tensor], allow_tf32: bool | Non
            A.device.index)  # fmt: skip
     elem = max(x.element_size() for x in (A, *Gs))
     with _on(A.device):
-        w, b = run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
-    return (w, b, budgets) if bound else (w, b)
+        return run(tuning.pick_config("gram", key, run, interpret=_interpret(), elem_bytes=elem)).sum(dim=-1)
+
+
+# The launchers as operators, for traced programs (memory_test.privacy.post_programs): Dynamo and Inductor call them
+# as opaque kernels (the launcher's tuning and Python stay outside the graph); the fake versions give the shapes.
+flash_gram_norms = torch.library.custom_op("memory_test::flash_gram_norms", _gram_norms, mutates_args=())
+
+
+@flash_gram_norms.register_fake
+def _gram_norms_fake(A, Gs, us, prec, upcast, round_, with_d):
+    return A.new_empty((2, len(Gs), A.shape[0]), dtype=torch.float32)
 
 
 def _gram_budget(a_dtype, g_dtype, d, p, prec, round_) -> norm_error.ErrorBudget:
@@ -182,17 +204,26 @@ def _gram_budget(a_dtype, g_dtype, d, p, prec, round_) -> norm_error.ErrorBudget
 
 def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32: bool | None):
     """Weight and bias (or None) squared norms (B,) via A_iᵀG_i tiles reduced in registers."""
+    dot_dtype = A.dtype if A.dtype == G.dtype else torch.promote_types(A.dtype, G.dtype)
+    if _interpret() and dot_dtype == torch.bfloat16:
+        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bfloat16 bit patterns as integers
+    prec = _precision(A.device, [dot_dtype], allow_tf32)
+    round_ = prec == "tf32" and tf32_rounding()
+    run = flash_direct_norms if _tracing() else _direct_norms
+    w, b = run(A, G, with_bias, dot_dtype, prec, round_)
+    return w, (b if with_bias else None)
+
+
+def _direct_norms(
+    A: torch.Tensor, G: torch.Tensor, with_bias: bool, dot_dtype: torch.dtype, prec: str, round_: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The direct kernel's launcher: weight and bias squared norms (B,) (the bias ones empty without a bias)."""
     from triton import cdiv
 
     from .flash_norms_triton import direct_kernel
 
     B, T, d = A.shape
     p = G.shape[-1]
-    dot_dtype = A.dtype if A.dtype == G.dtype else torch.promote_types(A.dtype, G.dtype)
-    if _interpret() and dot_dtype == torch.bfloat16:
-        dot_dtype = torch.float32  # the interpreter's tl.dot multiplies bfloat16 bit patterns as integers
-    prec = _precision(A.device, [dot_dtype], allow_tf32)
-    round_ = prec == "tf32" and tf32_rounding()
 
     def run(cfg):
         n_p = cdiv(p, cfg["BLOCK_P"])
@@ -214,7 +245,17 @@ def _direct_launch(A: torch.Tensor, G: torch.Tensor, with_bias: bool, allow_tf32
     elem = max(A.element_size(), G.element_size())
     with _on(A.device):
         w, b = run(tuning.pick_config("direct", key, run, interpret=_interpret(), elem_bytes=elem))
-    return w.sum(dim=1), (b.sum(dim=1) if with_bias else None)
+    return w.sum(dim=1), (b.sum(dim=1) if with_bias else w.new_empty(0))
+
+
+flash_direct_norms = torch.library.custom_op("memory_test::flash_direct_norms", _direct_norms, mutates_args=())
+
+
+@flash_direct_norms.register_fake
+def _direct_norms_fake(A, G, with_bias, dot_dtype, prec, round_):
+    return A.new_empty(A.shape[0], dtype=torch.float32), A.new_empty(
+        A.shape[0] if with_bias else 0, dtype=torch.float32
+    )
 
 
 def _direct_budget(A, G, allow_tf32) -> norm_error.ErrorBudget:

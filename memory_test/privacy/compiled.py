@@ -43,6 +43,7 @@ from .errors import PrivacyConfigError
 from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary
 from .layer_rules import Use
 from .modes import MODES
+from .post_programs import PostPrograms
 
 MAX_USES = 64  # uses of one layer per forward (DiT: 2, block 0's embedder)
 # One attribute per use, not a list: Dynamo would guard the list's length, which differs between layers.
@@ -143,6 +144,7 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         self._sink_sets: OrderedDict = OrderedDict()  # (signature, rows) -> per layer, the sinks of its uses
         self._armed = None  # the (signature, rows) whose sinks the layers hold
         self._taps: list[tuple] = []  # (state, use, sink) of the last forward
+        self._programs: PostPrograms | None = None  # set by compile_private
 
     # ----- forward -------------------------------------------------------------------------------------------
     @torch.compiler.disable  # torch.compile(dp_model) on top of dp_model.compile(): this part stays eager
@@ -266,9 +268,18 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
                 sink.requires_grad_(False)
         # They arrive together (the eager taps hand them over one by one): count them all while the layers run.
         arrived = self._cache.hold([g for g in grads if g is not None])
+        programs = self._programs
+        in_program = programs.states if programs is not None else ()
         for (state, use, _), grad in zip(taps, grads):
-            if grad is not None:  # None: this use fed no loss (adds 0, as with the eager taps)
+            if grad is None:  # this use fed no loss (adds 0, as with the eager taps)
+                continue
+            if id(state) in in_program:  # normed below, with its block
+                use.grad_output = grad
+                use.held += self._cache.hold((grad,))
+            else:
                 self._on_grad_output(state, use, grad)
+        if programs is not None:
+            programs.add_sq_norms(self)
         self._cache.drop(arrived)
 
     def record_norms(self, loss_per_sample: torch.Tensor, *, retain_graph: bool) -> torch.Tensor:
@@ -277,15 +288,27 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
 
     def write_clipped_grads(self, coef: torch.Tensor):
         with torch.no_grad():
-            super().write_clipped_grads(coef)
+            if self._programs is not None:
+                self._programs.write_clipped_grads(self, coef)
+            super().write_clipped_grads(coef)  # the layers outside the programs
+
+    @property
+    def post_programs_status(self) -> str:
+        """How the per-layer work after the backward runs: 'compiled' (programs per repeated block, the rest eager),
+        'eager: <why>' (programs fell back), or 'off' (no programs: compile(programs=False), or no repeated block)."""
+        return "off" if self._programs is None else self._programs.status
 
     def end_step(self):
         super().end_step()
         self._taps = []
+        if self._programs is not None:
+            self._programs.forget_step()
 
     def abandon_step(self, error: BaseException) -> None:
         super().abandon_step(error)
         self._taps = []
+        if self._programs is not None:
+            self._programs.forget_step()
 
 
 # Which compiled class serves which wrapped-model class; any other (the sharded modes) cannot be compiled yet.
@@ -295,10 +318,12 @@ COMPILED_CLASSES = {
 }
 
 
-def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, **kwargs) -> None:
+def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, programs: bool = True, **kwargs) -> None:
     """Switch ``gsm`` to sink recording and torch.compile its model in place (arguments as for ``torch.compile``).
 
     ``regional=True`` compiles each repeated block instead of the whole model (see ``compile_regions``).
+    ``programs=True`` also compiles the per-layer work after the backward, one program per repeated block
+    (``memory_test.privacy.post_programs``; ``gsm.post_programs_status`` says how it runs).
     """
     cls = COMPILED_CLASSES.get(type(gsm))
     if cls is None:
@@ -312,6 +337,8 @@ def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, **kw
         gsm.__class__ = cls  # as FSDP2's fully_shard does: same object, same state, the compiled subclass' methods
         gsm._init_compiled()
     compile_regions(gsm._module, *args, regional=regional, **kwargs)
+    blocks = repeated_blocks(gsm._module)
+    gsm._programs = PostPrograms.for_model(gsm._states, blocks, kwargs) if programs and not args else None
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:

@@ -11,6 +11,7 @@ estimates and factor 1 (A/B checks only).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,7 @@ RULE = (
     "s the coefficient slack (memory_test/kernels/norm_error.py)"
 )
 SMALL_LAYER_NOTE = "embedding and materialized norms in float64 (exact: no margin)"
+_tracing = torch.compiler.is_dynamo_compiling
 
 
 def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -45,6 +47,9 @@ def _factor_parts(factor: float, k: float, s: float, reason: str) -> dict:
 class _MarginLedger:
     """Per step: the budgets applied per path and precision, and the operand precisions the Linear norms saw."""
 
+    _recorder: list | None = None  # set while ``recording``
+    noted = 0  # notes made so far (a program tells from it whether its graph ran or Python did)
+
     def begin_step(self) -> None:
         self.margins = norm_error.margins_enabled()  # read once per step: the environment lookup is not free
         self._budgets: dict[str, dict] = {}
@@ -58,14 +63,36 @@ class _MarginLedger:
             self.begin_step()
 
     def _note(self, budget: norm_error.ErrorBudget, A: torch.Tensor, G: torch.Tensor) -> None:
+        if _tracing():  # a traced program's notes were recorded by its eager first call and are replayed
+            return
         self._ledger()
-        entry = self._budgets.setdefault(budget.key, {"u_w_max": 0.0, "u_b_max": 0.0, "calls": 0})
-        entry["u_w_max"] = max(entry["u_w_max"], budget.u_w)
-        entry["u_b_max"] = max(entry["u_b_max"], budget.u_b)
-        entry["calls"] += 1
-        self._u_max = max(self._u_max, budget.u_w, budget.u_b)
-        self._dtypes.update((A.dtype, G.dtype))
-        self._tf32 = self._tf32 or (torch.float32 in (A.dtype, G.dtype) and norm_error.cuda_tf32(A.device))
+        self.noted += 1
+        note = (budget, A.dtype, G.dtype, torch.float32 in (A.dtype, G.dtype) and norm_error.cuda_tf32(A.device))
+        self.replay((note,))
+        if self._recorder is not None:
+            self._recorder.append(note)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect the notes made inside the block (and apply them as usual): ``replay`` applies them again."""
+        self._ledger()
+        self._recorder, notes = [], []
+        try:
+            yield notes
+        finally:
+            notes += self._recorder
+            self._recorder = None
+
+    def replay(self, notes) -> None:
+        """Apply notes recorded by ``recording`` (what a traced program's norms would have noted)."""
+        for budget, a_dtype, g_dtype, tf32 in notes:
+            entry = self._budgets.setdefault(budget.key, {"u_w_max": 0.0, "u_b_max": 0.0, "calls": 0})
+            entry["u_w_max"] = max(entry["u_w_max"], budget.u_w)
+            entry["u_b_max"] = max(entry["u_b_max"], budget.u_b)
+            entry["calls"] += 1
+            self._u_max = max(self._u_max, budget.u_w, budget.u_b)
+            self._dtypes.update((a_dtype, g_dtype))
+            self._tf32 = self._tf32 or tf32
 
     def clip_factor(self, *, two_pass: bool, loss_dtype: torch.dtype) -> float:
         """f for this step: the engine clips with f·n (1.0 with margins off; see the module doc)."""
