@@ -13,7 +13,9 @@ compiled (regional, --compile-mode) at B = 128, 32, 8, in one process, AdamW: wa
 nothing (and at least --warmup steps), then --steps timed steps (CUDA events, median); compile seconds (wall time of
 the warm-up steps that compiled, minus an ordinary step each), graphs, graph breaks and recompiles, the attention
 kernel, and the peak allocated memory. Batch sizes run largest first: B=128 compiles a static graph, B=32 recompiles
-with a dynamic batch dimension (automatic dynamic shapes), B=8 reuses it, as Poisson batches would.
+with a dynamic batch dimension (automatic dynamic shapes), B=8 reuses it, as Poisson batches would. --variants
+compiled skips the eager runs; --programs on,off times each compiled DP mode with its post-backward programs
+(``memory_test.privacy.post_programs``) and without them (shown as "<mode> (programs off)").
 Writes $OUT/compile_check.json after every configuration (an interrupted call keeps what finished).
 """
 
@@ -130,6 +132,7 @@ def dp_update(mode: str, compiled: bool, batch, bound: float) -> tuple[torch.Ten
         for group in dp_opt.param_groups:
             group["lr"] = 1.0
         info["compile"] = compile_stats().since(before).as_dict()
+        info["post_programs"] = dp.post_programs_status
     start = flat_params(model)
     crit(dp(*batch[:3]), batch[3]).backward()
     dp_opt.step()
@@ -219,43 +222,66 @@ def timed(step, batch, amp, args) -> dict:
     }
 
 
+def variants(args, experiment: str) -> list[tuple[bool, bool]]:
+    """(compiled, programs) pairs to time for one experiment: eager and/or compiled (--variants); a compiled DP mode
+    once per --programs value (its post-backward programs on or off: ``dp_model.compile(programs=...)``)."""
+    out = []
+    for variant in args.variants.split(","):
+        compiled = variant == "compiled"
+        values = [v == "on" for v in args.programs.split(",")] if compiled and experiment != "vanilla" else [True]
+        out += [(compiled, programs) for programs in values]
+    return out
+
+
+def label(experiment: str, compiled: bool, programs: bool) -> str:
+    return experiment if programs or not compiled else f"{experiment} (programs off)"
+
+
 def part_time(args, record, save, deadline):
     out = record.setdefault("time", [])
     for precision in args.precisions.split(","):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "fp32"
         amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         for experiment in args.experiments.split(","):
-            for compiled in (False, True):
+            for compiled, programs in variants(args, experiment):
+                name = label(experiment, compiled, programs)
                 if time.perf_counter() > deadline:
-                    out.append({"precision": precision, "experiment": experiment, "compiled": compiled, "skipped": 1})
+                    out.append({"precision": precision, "experiment": name, "compiled": compiled, "skipped": 1})
                     save()
                     continue
-                torch._dynamo.reset()
-                sizes = [int(b) for b in args.batch_sizes.split(",")]
-                target, step, wrapper = prepare(experiment, sizes[0])
-                if compiled:  # the DP model's own compile(): compile_regions on it would trace the eager taps
-                    compile_fn = compile_regions if experiment == "vanilla" else type(target).compile
-                    compile_fn(target, regional=True, mode=args.compile_mode, fullgraph=True)
-                for n in sizes:
-                    result = timed(step, make_batch(n, *args.latent), amp, args)
-                    result.update(
-                        precision=precision,
-                        experiment=experiment,
-                        compiled=compiled,
-                        compile_mode=args.compile_mode if compiled else None,
-                        batch_size=n,
-                        attention=wrapper.attention_backend,
-                    )
-                    out.append(result)
-                    save()
-                    print(
-                        f"{precision} {experiment} {'compiled' if compiled else 'eager'} B={n}: "
-                        f"{result['step_ms_median']:.1f} ms, compile {result['compile_ms'] / 1e3:.1f} s, "
-                        f"{result['compile']}",
-                        flush=True,
-                    )
-                del target, step, wrapper
-                empty_cache()
+                time_one(args, out, save, precision, amp, experiment, compiled, programs)
+
+
+def time_one(args, out, save, precision, amp, experiment, compiled, programs):
+    """One model, eager or compiled, timed at every --batch-sizes (largest first)."""
+    torch._dynamo.reset()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    target, step, wrapper = prepare(experiment, sizes[0])
+    if compiled and experiment == "vanilla":
+        compile_regions(target, regional=True, mode=args.compile_mode, fullgraph=True)
+    elif compiled:  # the DP model's own compile(): compile_regions on it would trace the eager taps
+        target.compile(regional=True, mode=args.compile_mode, fullgraph=True, programs=programs)
+    for n in sizes:
+        result = timed(step, make_batch(n, *args.latent), amp, args)
+        result.update(
+            precision=precision,
+            experiment=label(experiment, compiled, programs),
+            compiled=compiled,
+            compile_mode=args.compile_mode if compiled else None,
+            post_programs=getattr(target, "post_programs_status", None) if compiled else None,
+            batch_size=n,
+            attention=wrapper.attention_backend,
+        )
+        out.append(result)
+        save()
+        print(
+            f"{precision} {result['experiment']} {'compiled' if compiled else 'eager'} B={n}: "
+            f"{result['step_ms_median']:.1f} ms, compile {result['compile_ms'] / 1e3:.1f} s, "
+            f"{result['compile']}",
+            flush=True,
+        )
+    del target, step, wrapper
+    empty_cache()
 
 
 def main():
@@ -267,6 +293,8 @@ def main():
     ap.add_argument("--experiments", default="vanilla,flash_clip_bk")
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--batch-sizes", default="128,32,8")
+    ap.add_argument("--variants", default="eager,compiled", help="eager and/or compiled runs of each experiment")
+    ap.add_argument("--programs", default="on", help="compiled DP: post-backward programs on, off, or on,off (both)")
     ap.add_argument("--compile-mode", default="default", choices=["default", "max-autotune", "reduce-overhead"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-warmup", type=int, default=8)

@@ -41,7 +41,7 @@ from .norm_rules import GroupNormRule, LayerNormRule, RMSNormRule
 # The margin budgets are pure functions of dtypes and shapes behind functools.lru_cache; Dynamo traces them without
 # their cache, which is right for them, and says so once per function.
 warnings.filterwarnings(
-    "ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'norm_error"
+    "ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'norm_(error|backends)"
 )
 
 # Rules whose per-layer work is traced into programs (each exercised by tests/privacy/test_compile_programs.py).
