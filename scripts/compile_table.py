@@ -33,7 +33,7 @@ def ms(r: dict | None) -> str:
 
 
 def gib(r: dict | None) -> str:
-    return f"{r['peak_allocated_bytes'] / 2**30:.1f}" if r and r.get('peak_allocated_bytes') is not None else "—"
+    return f"{r['peak_allocated_bytes'] / 2**30:.1f}" if r and r.get("peak_allocated_bytes") is not None else "—"
 
 
 def row(table: dict, precision: str, batch: int, exp: str) -> str:
