@@ -537,6 +537,7 @@ class DPGradSampleModule(AbstractGradSampleModule):
             flash_tf32_rounding=rounding,
             # Slot for issue 15's public DPGradSampleModule.norm_error_margin: read when present, None before it.
             norm_error_margin=getattr(self, "norm_error_margin", None),
+            post_programs=getattr(self, "post_programs_status", None),  # the compiled subclass has it
         )
 
     def reset_peaks(self) -> None:

@@ -23,6 +23,9 @@ class EngineStats:
     # The clipping margins of the last step, once the engine reports them (DPGradSampleModule.norm_error_margin,
     # issue 15); None until then and for engines without it.
     norm_error_margin: dict | None = None
+    # Compiled models (dp_model.compile): how the per-layer work after the backward ran: "compiled" (post-backward
+    # programs), "eager: <why>" (they fell back), "off"; None for an eager model.
+    post_programs: str | None = None
 
     @property
     def norm_path_counts(self) -> dict[str, int]:

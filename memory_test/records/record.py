@@ -255,6 +255,9 @@ class CompileInfo(Block):
     graph_breaks: int | None = spec(INT)
     recompiles: int | None = spec(INT)
     during_timing: dict | None = spec(OBJECT)  # graphs, graph_breaks, recompiles during the measured steps
+    # DP modes: how the per-layer work after the backward ran: "compiled" (post-backward programs), "eager: <why>"
+    # (programs fell back), "off"; absent for vanilla
+    post_programs: str | None = spec(STR, omit_none=True)
     extra: dict = extra_keys()
 
 

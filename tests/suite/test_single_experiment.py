@@ -155,6 +155,7 @@ def test_compiled_run_records_its_compile_work_apart_from_the_step_times(cli, na
     assert info["graphs"] >= 1 and info["graph_breaks"] == 0 and info["compile_ms"] >= 0
     assert info["during_timing"] == {"graphs": 0, "graph_breaks": 0, "recompiles": 0}  # timing excludes compiling
     assert info["warmup_steps"] >= rec["config"]["warmup_iter"]
+    assert info.get("post_programs") == (None if name == "vanilla" else "compiled")
 
 
 def test_compiled_record_names_carry_the_mode(tmp_path):

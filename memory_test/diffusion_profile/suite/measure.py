@@ -250,7 +250,8 @@ def run_steps(config: RunConfig, step, tracker: MemoryTracker, prepared: Prepare
             with timer.step():
                 loss = step()
         step_ms = timer.finish()
-    info = compile_info(config, warm, step_ms, regions, compile_stats().since(before_timing)) if regions else None
+    during = compile_stats().since(before_timing)
+    info = compile_info(config, warm, step_ms, regions, during, prepared.engine) if regions else None
     return StepRun(step_ms, timer.wall_ms, float(loss), snap, engine_reset, info)
 
 
@@ -284,7 +285,7 @@ def compiled_warmup(config: RunConfig, step, device) -> Warmup:
     return Warmup(compiling_ms, steps, compile_stats().since(start))
 
 
-def compile_info(config: RunConfig, warm: Warmup, step_ms: list, regions: int, during) -> CompileInfo:
+def compile_info(config: RunConfig, warm: Warmup, step_ms: list, regions: int, during, engine=None) -> CompileInfo:
     typical = sorted(step_ms)[len(step_ms) // 2]
     return CompileInfo(
         mode=config.compile,
@@ -296,6 +297,7 @@ def compile_info(config: RunConfig, warm: Warmup, step_ms: list, regions: int, d
         graph_breaks=warm.stats.graph_breaks,
         recompiles=warm.stats.recompiles,
         during_timing=during.as_dict(),
+        post_programs=engine.stats().post_programs if engine is not None else None,
     )
 
 
