@@ -17,6 +17,8 @@ REFUSALS = [
      "freeze or replace the named layers"),
     ("trainable parameters held directly by a container (e.g. PixArt's `scale_shift_table`)", "`UnsupportedLayerError`",
      "freeze them"),
+    ("a supported layer with trainable parameters besides weight and bias (`torch.nn.utils.weight_norm`, "
+     "`spectral_norm`)", "`UnsupportedLayerError`", "remove the reparametrisation or freeze them"),
     ("weights tied between two modules", "`SharedParameterError`", "reuse one module object (exact) or freeze"),
     ("a parameter used outside its module's forward (`h @ wte.weight.t()`)", "`CoverageError`",
      "use it through its module, or freeze it"),

@@ -329,6 +329,19 @@ class _Expanded(nn.Module):
         return self.b(torch.tanh(self.a(x[:, None].expand(-1, 3, -1))).sum(1))
 
 
+def _reparametrised(wrap):
+    """A Linear whose weight is computed from other parameters by a pre-hook (weight_norm, spectral_norm)."""
+
+    def build():
+        model = randomize(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model[0] = wrap(model[0])
+        return model.eval()  # spectral_norm's power iteration off: the reference sees the same weight
+
+    return build
+
+
 # ----- convolutions and norms -----------------------------------------------------------------------------------
 def _conv2d(**kw):
     return _mlp(nn.Conv2d(4, 6, 3, **kw), nn.Tanh(), nn.Conv2d(6, 2, 1))
@@ -408,6 +421,8 @@ CASES: list[Case] = [
         _mlp(nn.Conv2d(4, 6, 1), nn.GroupNorm(3, 6, affine=False), nn.Conv2d(6, 2, 1)),
         _x(4, 3, 3),
     ),
+    Case("weight_norm_refused", _reparametrised(nn.utils.weight_norm), _x(5), UnsupportedLayerError),
+    Case("spectral_norm_refused", _reparametrised(nn.utils.spectral_norm), _x(5), UnsupportedLayerError),
     Case(
         "conv_transpose_refused",
         _mlp(nn.ConvTranspose1d(4, 6, 3), nn.Tanh(), nn.Conv1d(6, 2, 1)),
