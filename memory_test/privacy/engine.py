@@ -178,9 +178,19 @@ def _validate_module(module: nn.Module) -> None:
 
 def _check_optimizer_params(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model_parameters = set(module.parameters())
-    for p in chain.from_iterable(group["params"] for group in optimizer.param_groups):
-        if p not in model_parameters:
-            raise ValueError("Module parameters are different than optimizer Parameters")
+    optimized = set(chain.from_iterable(group["params"] for group in optimizer.param_groups))
+    if not optimized <= model_parameters:
+        raise ValueError("Module parameters are different than optimizer Parameters")
+    # A trainable parameter the optimizer never updates still counts in each sample's norm: every other parameter
+    # would be clipped harder than the reference (which clips what is trained), with no error.
+    left_out = [name for name, p in module.named_parameters() if p.requires_grad and p not in optimized]
+    if left_out:
+        raise PrivacyConfigError(
+            f"trainable parameters not in the optimizer: {', '.join(left_out[:5])}"
+            + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            + ". Their per-sample gradients would count in the clipping norm without ever being trained: freeze "
+            "them (requires_grad_(False)) before make_private, or give them to the optimizer."
+        )
 
 
 def _check_distributed(mode: Mode) -> bool:

@@ -129,6 +129,13 @@ class DPGradSampleModule(AbstractGradSampleModule):
             and not isinstance(mod, nn.modules.instancenorm._InstanceNorm)
         ]
         self._covered_structure = None  # use counts of the last forward whose graph passed the coverage walk
+        # Kept through compile() (which replaces _handles): autograd writing p.grad outside the DP backward.
+        self._grad_hooks = [
+            p.register_post_accumulate_grad_hook(self._on_accumulated_grad)
+            for s in self._states
+            for p in s._own_params
+            if p.requires_grad
+        ]
 
     # ----- set-up -------------------------------------------------------------------------------------------
     @staticmethod
@@ -167,6 +174,12 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
     def _trainable_flags(self) -> tuple:
         return tuple(p.requires_grad for p in self._params.values())
+
+    def _on_accumulated_grad(self, param: torch.Tensor) -> None:
+        """Autograd accumulated into p.grad: only the two-pass modes' second backward may (the recording backward
+        reaches no parameter; book-keeping writes p.grad itself). Anything else is an unclipped gradient."""
+        if not self._in_backward:
+            self.step_health.note_foreign_gradient(self._param_names[id(param)])
 
     # ----- forward ------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

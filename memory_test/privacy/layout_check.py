@@ -3,11 +3,14 @@
 The rules regroup a layer's rows as ``(n, rows_per_sample, f)``. That is only right if the rows of sample i form
 one contiguous block of the batch dimension. Shapes cannot tell: a sequence-first layer ``(T, N, f)`` with T a
 multiple of N, or a batch-independent ``(T, f)`` input, divide just as well. So, before the first recorded
-forward, the model runs twice without gradient, in eval mode, on a few rows of the real batch: once as given and
-once with those rows permuted. In every layer, the dimension that holds the samples permutes the same way; any
-other dimension does not. A layer whose tensors permute along dimension 0 (or 1, for sequence-first layers whose
-rule allows it) gets that batch dimension; a layer that permutes along neither is refused. Eval mode keeps dropout
-and other randomness out of the comparison (it changes statistics, not which rows belong to which sample).
+forward, the model runs without gradient, in eval mode, on three rows of the real batch: once as given and once with
+those rows permuted by each of two permutations, a 3-cycle and a transposition. In every layer, the dimension that
+holds the samples permutes the same way; any other dimension does not. One permutation is not enough: a model that
+itself permutes the batch (``x.roll(1, 0)``) commutes with a cycle and would pass; the two permutations generate
+every permutation of three rows, so only a model that keeps each row in place passes both. A layer whose tensors
+permute along dimension 0 (or 1, for sequence-first layers whose rule allows it) gets that batch dimension; a layer
+that permutes along neither is refused. Eval mode keeps dropout and other randomness out of the comparison (it
+changes statistics, not which rows belong to which sample).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import LayoutError
 
-CHECK_ROWS = 3  # rows of the real batch used by the check (any R >= 2 gives a non-trivial permutation)
+CHECK_ROWS = 3  # rows of the real batch used by the check (repeated when the batch has only two finite rows)
+# A 3-cycle and a transposition: together they generate S_3, whose centre is trivial, so a model permutation of
+# the rows that commutes with both is the identity.
+CHECK_PERMUTATIONS = ([1, 2, 0], [1, 0, 2])
 
 
 def batch_rows(args, kwargs) -> int:
@@ -84,19 +90,21 @@ class LayoutCheck:
             if always_forward:
                 self._probe(gsm, args, kwargs, rows, finite)
             return
-        m = min(len(finite), CHECK_ROWS)
-        spread = torch.linspace(0, len(finite) - 1, m).round().long().tolist()  # first, middle, last finite rows
-        pick = [finite[i] for i in spread]
-        perm = [*range(1, m), 0]
+        m = CHECK_ROWS
+        if len(finite) >= m:
+            spread = torch.linspace(0, len(finite) - 1, m).round().long().tolist()  # first, middle, last finite rows
+            pick = [finite[i] for i in spread]
+        else:  # two finite rows: (a, b, a) still tells every row permutation of the model from the identity
+            pick = [finite[i % len(finite)] for i in range(m)]
         ref = self._forward(gsm, args, kwargs, rows, pick, m)
-        got = self._forward(gsm, args, kwargs, rows, [pick[i] for i in perm], m)
+        gots = [(p, self._forward(gsm, args, kwargs, rows, [pick[i] for i in p], m)) for p in CHECK_PERMUTATIONS]
         for state in self.states:
-            state.batch_dim = self._batch_dim(state, ref.get(state), got.get(state), perm)
+            state.batch_dim = self._batch_dim(state, ref.get(state), [(perm, got.get(state)) for perm, got in gots])
         self.pending = False
 
     def _probe(self, gsm, args, kwargs, rows, pick) -> None:
-        """The two forwards of a check whose result is not used (keeps sharded ranks in step)."""
-        for _ in range(2):
+        """The forwards of a check whose result is not used (keeps sharded ranks in step)."""
+        for _ in range(1 + len(CHECK_PERMUTATIONS)):
             self._forward(gsm, args, kwargs, rows, pick, max(1, len(pick)))
 
     def _forward(self, gsm, args, kwargs, rows, pick, m) -> dict:
@@ -134,13 +142,15 @@ class LayoutCheck:
 
         return hook
 
-    def _batch_dim(self, state, ref, got, perm) -> int | None:
-        """The dim along which every tensor of every use permutes with the batch, or None (not seen by the check)."""
-        if ref is None or got is None or len(ref) != len(got):
+    def _batch_dim(self, state, ref, gots: list) -> int | None:
+        """The dim along which every tensor of every use permutes with the batch under every check permutation, or
+        None (not seen by the check). ``gots``: (permutation, what the layer saw on the permuted rows)."""
+        if ref is None or any(got is None or len(ref) != len(got) for _, got in gots):
             return None
         allowed = getattr(state.rule, "batch_dims", (0,))
         for dim in allowed:
-            if all(self._permutes(r, g, dim, perm) for ru, gu in zip(ref, got) for r, g in zip(ru, gu)):
+            pairs = [(r, g, perm) for perm, got in gots for ru, gu in zip(ref, got) for r, g in zip(ru, gu)]
+            if all(self._permutes(r, g, dim, perm) for r, g, perm in pairs):
                 return dim
         raise LayoutError(
             f"{state.name} ({type(state.module).__name__}): its rows do not follow the batch along dimension "

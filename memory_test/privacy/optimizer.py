@@ -22,10 +22,28 @@ class StepGuards:
     - the backward passes since the last step were complete and every sample's gradient was finite
       (``health``, the wrapped model's StepHealth);
     - ``zero_grad()`` without ``set_to_none`` gives fresh gradients: Opacus marks the tensors it used with
-      ``_processed``, and zeroing in place keeps the mark on the same tensor, so the next step would refuse it.
+      ``_processed``, and zeroing in place keeps the mark on the same tensor, so the next step would refuse it;
+    - gradient accumulation (several DP backward passes, then one step) divides by B times the number of passes
+      and is accounted at that many times the sample rate, as Opacus' ``hooks`` mode does. Upstream
+      fast-gradient clipping counts 1: an update twice too large and an epsilon computed for half the sampling.
     """
 
     health = None  # set by PrivacyEngine.make_private
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """DP backward passes since the previous ``step()`` call (skipped BatchMemoryManager steps included)."""
+        return max(1, self.health.backwards_in_step) if self.health is not None else 1
+
+    def pre_step(self, closure=None):
+        if self.health is not None:
+            self.health.step_called()
+        try:
+            return super().pre_step(closure)
+        except BaseException:
+            # A refused step drops the whole logical batch (accumulated physical batches too) at the next zero_grad.
+            self._is_last_step_skipped = False
+            raise
 
     def _guard_step(self) -> None:
         check_noise_std(self._noise_std())
@@ -40,8 +58,8 @@ class StepGuards:
         for p in self.params:
             if p.grad is not None and hasattr(p.grad, "_processed"):
                 del p.grad._processed  # zeroed in place: a fresh gradient now
-        if self.health is not None:
-            self.health.clear()
+        if self.health is not None:  # after a skipped step the accumulated gradient, and what it holds, stays
+            self.health.clear(keep_accumulated=self._is_last_step_skipped)
 
 
 class GuardedFSDPOptimizer(StepGuards, FSDPOptimizerFastGradientClipping):

@@ -37,13 +37,30 @@ def layer_type(module: nn.Module) -> type:
     return cls
 
 
+# Every rule differentiates its layer's forward with respect to the layer's own ``weight`` and ``bias``.
+RULE_PARAMETERS = ("weight", "bias")
+
+
+def _other_parameters(module: nn.Module) -> str | None:
+    """Trainable parameters a rule would not see: a reparametrised weight (torch.nn.utils.weight_norm keeps
+    ``weight_g`` and ``weight_v``, spectral_norm ``weight_orig``, and computes ``weight`` from them in a pre-hook)."""
+    other = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in RULE_PARAMETERS]
+    if not other:
+        return None
+    return (
+        f"trainable parameters {', '.join(other)} besides weight and bias (a reparametrised weight, e.g. "
+        "torch.nn.utils.weight_norm or spectral_norm: per-sample gradients of the computed weight are not those of "
+        "its parameters; remove the reparametrisation or freeze them)"
+    )
+
+
 def lookup(module: nn.Module) -> tuple[object | None, str]:
     """(rule, "") for a supported layer, (None, why not) otherwise."""
     cls = layer_type(module)
     rule = RULES.get(cls)
     if rule is None:
         return None, cls.__name__  # no rule for this type at all
-    reason = rule.supports(module)
+    reason = rule.supports(module) or _other_parameters(module)
     return (None, f"{cls.__name__} with {reason}") if reason else (rule, "")
 
 

@@ -301,6 +301,47 @@ class _Checkpointed(nn.Module):
         return self.head(checkpoint(self.block, self.stem(x), use_reentrant=self.reentrant))
 
 
+class _BatchReordered(nn.Module):
+    """A Linear fed the batch with its rows reordered (then put back): rows no longer belong to their sample."""
+
+    REORDER = {
+        "roll": (lambda x: x.roll(1, 0), lambda h: h.roll(-1, 0)),  # commutes with a cyclic check permutation
+        "flip": (lambda x: x.flip(0), lambda h: h.flip(0)),
+    }
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.there, self.back = self.REORDER[how]
+
+    def forward(self, x):
+        return self.b(self.back(torch.tanh(self.a(self.there(x)))))
+
+
+class _Expanded(nn.Module):
+    """A Linear on ``x[:, None].expand(...)``: each sample's row repeated (rows stay in the sample's block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x[:, None].expand(-1, 3, -1))).sum(1))
+
+
+def _reparametrised(wrap):
+    """A Linear whose weight is computed from other parameters by a pre-hook (weight_norm, spectral_norm)."""
+
+    def build():
+        model = randomize(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model[0] = wrap(model[0])
+        return model.eval()  # spectral_norm's power iteration off: the reference sees the same weight
+
+    return build
+
+
 # ----- convolutions and norms -----------------------------------------------------------------------------------
 def _conv2d(**kw):
     return _mlp(nn.Conv2d(4, 6, 3, **kw), nn.Tanh(), nn.Conv2d(6, 2, 1))
@@ -361,6 +402,33 @@ CASES: list[Case] = [
     Case("checkpoint_reentrant_refused", lambda: randomize(_Checkpointed(True)), _x(5), CoverageError),
     Case("linear_on_table_T_multiple_of_B", lambda: randomize(_BatchIndependent(10)), _x(10, 4), LayoutError),
     Case("linear_on_table_T_equal_B", lambda: randomize(_BatchIndependent(5)), _x(5, 4), LayoutError),
+    Case("linear_on_rolled_batch", lambda: randomize(_BatchReordered("roll")), _x(5), LayoutError),
+    Case("linear_on_flipped_batch", lambda: randomize(_BatchReordered("flip")), _x(5), LayoutError),
+    Case("linear_on_expanded_batch", lambda: randomize(_Expanded()), _x(5)),
+    Case("linear_on_4d_input", _mlp(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), _x(2, 3, 4)),
+    Case(
+        "conv1d_groups_dilation_stride_no_bias",
+        _mlp(nn.Conv1d(4, 6, 3, groups=2, dilation=2, stride=2, bias=False), nn.Tanh(), nn.Conv1d(6, 2, 1)),
+        _x(4, 11),
+    ),  # fmt: skip
+    Case("conv2d_channels_last", lambda: _conv2d(padding=1)().to(memory_format=torch.channels_last), _x(4, 5, 6)),
+    Case("embedding_padding_idx", _mlp(nn.Embedding(7, 4, padding_idx=0), nn.Tanh(), nn.Linear(4, 3)), _tokens(3, 4)),
+    Case(
+        "layer_norm_no_affine", _mlp(nn.Linear(5, 8), nn.LayerNorm(8, elementwise_affine=False), nn.Linear(8, 3)), _x(5)
+    ),
+    Case(
+        "group_norm_no_affine",
+        _mlp(nn.Conv2d(4, 6, 1), nn.GroupNorm(3, 6, affine=False), nn.Conv2d(6, 2, 1)),
+        _x(4, 3, 3),
+    ),
+    Case("weight_norm_refused", _reparametrised(nn.utils.weight_norm), _x(5), UnsupportedLayerError),
+    Case("spectral_norm_refused", _reparametrised(nn.utils.spectral_norm), _x(5), UnsupportedLayerError),
+    Case(
+        "conv_transpose_refused",
+        _mlp(nn.ConvTranspose1d(4, 6, 3), nn.Tanh(), nn.Conv1d(6, 2, 1)),
+        _x(4, 5),
+        UnsupportedLayerError,
+    ),
 ]
 
 
