@@ -125,6 +125,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 configs.append(configuration(name, precision, "max", common, out_dir))
     if not configs:
         raise ToolError("the options select no configuration to run", "check --experiments, --batch-sizes")
+    for c in configs:
+        refuse_kept_record_of_other_settings(c)
     return Plan(configs, header(configs, args, gpu, batches, precisions, info), out_dir)
 
 
@@ -197,6 +199,35 @@ def validated(name: str, precision: str, batch: str, common: list[str], out_dir:
             fix = "fix that flag (the sweep passes it to single_experiment.py)"
         raise ToolError(what, fix) from None
     return config
+
+
+# The settings a record's name does not hold (it holds experiment, model, size, batch, precision, K, attention,
+# processes, compile): a finished record kept on a rerun must have been measured with the same ones.
+UNNAMED_SETTINGS = tuple(f for f in F.FLAGS if f.field and "." not in f.field and f.sweep == "pass")
+
+
+def refuse_kept_record_of_other_settings(c: Configuration) -> None:
+    """A rerun keeps finished records by name: one measured under other flags (--optimizer, --num-iter, σ...)
+    would be reported as this sweep's result. Refused before anything runs; error records are rerun anyway."""
+    from memory_test.diffusion_profile.suite.resume import FINISHED
+    from memory_test.records.io import load_record
+
+    if not c.output.is_file():
+        return
+    rec, _ = load_record(c.output)
+    if rec is None or rec.status not in FINISHED:
+        return
+    changed = [
+        f"{flag.name} {old} (this sweep: {new})"
+        for flag in UNNAMED_SETTINGS
+        if (old := getattr(rec.config, flag.field, None)) is not None and old != (new := getattr(c.config, flag.field))
+    ]
+    if changed:
+        raise ToolError(
+            f"{c.output} was measured with {', '.join(changed)}; a rerun keeps finished records, so it would be "
+            "reported as this sweep's",
+            "rerun with the flags it was measured with to resume, or choose another --output-dir",
+        )
 
 
 def record_name(config: RunConfig, batch: str) -> str:
