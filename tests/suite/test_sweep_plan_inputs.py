@@ -34,3 +34,22 @@ def test_rerun_with_the_same_settings_resumes(tmp_path, capsys):
     _recorded_without_run(tmp_path, "--optimizer", "sgd")
     code, out, err = _plan(["--output-dir", str(tmp_path), *SMALL, "--optimizer", "sgd", "--emit-bash"], capsys)
     assert code == 0 and "TOTAL=1" in out, err
+
+
+def test_default_experiments_under_compile_leave_out_what_cannot_compile(tmp_path, capsys):
+    base = ["--output-dir", str(tmp_path), "--batch-sizes", "2", "--device", "cpu"]
+    code, out, err = _plan([*base, "--compile", "reduce-overhead"], capsys)
+    assert code == 0, err
+    assert "note: leaving out opacus_hooks: " in out and "note: leaving out ghost: " in out
+    assert [line.split(" -> ")[0] for line in out.splitlines() if " -> " in line] == ["vanilla fp32 bs=2"]
+    code, _, err = _plan([*base, "--compile", "default", "--experiments", "vanilla,opacus_hooks"], capsys)
+    assert code == EXIT_BAD_INPUT and "opacus_hooks is unmodified upstream Opacus" in err  # named: refused
+
+
+def test_output_dir_empty_or_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _plan(["--output-dir", "", *SMALL], capsys)
+    assert code == EXIT_BAD_INPUT and "--output-dir is empty" in err
+    code, _, err = _plan(["--output-dir", str(tmp_path / "afile" / "sub"), *SMALL], capsys)
+    assert code == EXIT_BAD_INPUT and f"{tmp_path / 'afile'} is a file, not a folder" in err
+    assert "sweep_flag_check" not in err  # names the folder given, not a file the user never named

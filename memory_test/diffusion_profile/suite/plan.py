@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory_test.cli_common.errors import ToolArgumentParser, ToolError, run_tool
+from memory_test.cli_common.files import output_path_problem
 from memory_test.diffusion_profile.suite import flags as F
 from memory_test.diffusion_profile.suite.resume import BATCH_PART
 from memory_test.records.record import RunConfig
@@ -107,9 +108,7 @@ def on_gpu(device: str | None) -> bool:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    out_dir = Path(args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ToolError(f"--output-dir {out_dir} is a file, not a folder", "choose a folder")
+    out_dir = output_folder(args.output_dir)
     gpu = on_gpu(args.device)
     batches = sorted(set(F.split_list(F.BY_NAME["--batch-size"], args.batch_size, int)))
     batches = batches or list(GPU_BATCH_SIZES if gpu else CPU_BATCH_SIZES)
@@ -128,6 +127,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     for c in configs:
         refuse_kept_record_of_other_settings(c)
     return Plan(configs, header(configs, args, gpu, batches, precisions, info), out_dir)
+
+
+def output_folder(text: str) -> Path:
+    """--output-dir as a folder records can be written into (nothing is created here)."""
+    if not text.strip():  # Path("") is the current folder: records would land wherever the sweep was started
+        raise ToolError("--output-dir is empty", "give the folder for the records, e.g. results/diffusion_profile")
+    out_dir = Path(text)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ToolError(f"--output-dir {out_dir} is a file, not a folder", "choose a folder")
+    why = output_path_problem(out_dir / "record.json")
+    if why:
+        raise ToolError(f"--output-dir {out_dir}: {why}", "choose a folder you can write")
+    return out_dir
 
 
 def passed_on(args: argparse.Namespace, gpu: bool) -> list[str]:
@@ -173,7 +185,28 @@ def experiments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     notes = (
         [f"note: K > 1: leaving out {', '.join(no_k)} (upstream Opacus treats every row as a sample)"] if no_k else []
     )
-    return [n for n in names if n not in no_k], notes
+    names = [n for n in names if n not in no_k]
+    if args.experiment is None:  # named experiments are checked (and refused) one by one in `validated`
+        names, left_out = compilable(names, args.compile or "off", nproc)
+        notes += left_out
+    return names, notes
+
+
+def compilable(names: list[str], mode: str, nproc: int) -> tuple[list[str], list[str]]:
+    """The default experiments that run under --compile ``mode`` (single_experiment's own check), and a note for
+    each left out; all of them when none would (then the first configuration's check says why)."""
+    from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS
+    from memory_test.diffusion_profile.suite.validate import check_compile
+
+    refused = {}
+    for name in names:
+        try:
+            check_compile(EXPERIMENTS[name], mode, nproc)
+        except ToolError as e:
+            refused[name] = e.what
+    if len(refused) == len(names):
+        return names, []
+    return [n for n in names if n not in refused], [f"note: leaving out {n}: {why}" for n, why in refused.items()]
 
 
 def configuration(name: str, precision: str, batch: str, common: list[str], out_dir: Path) -> Configuration:
