@@ -32,7 +32,8 @@ EXIT_SKIPPED = 3  # charts and summary written, but some files or charts were le
 EPILOG = (
     "Exit codes: 0 every record drawn; 3 charts and summary.md written, but some files were skipped (corrupt, "
     "foreign, or a field of the wrong type) or a chart could not be drawn, each named in a warning and in "
-    "summary.md; 2 bad input (nothing written); 1 unexpected failure (MEMORY_TEST_DEBUG=1 shows the traceback)."
+    "summary.md; 2 bad input, a folder without JSON records included (nothing written); 1 unexpected failure "
+    "(MEMORY_TEST_DEBUG=1 shows the traceback)."
 )
 
 
@@ -62,6 +63,8 @@ def _draw(argv: list[str] | None) -> int:
         raise ToolError(
             f"--results-dir {results} is not a folder", "give the folder of JSON records (a sweep's --output-dir)"
         )
+    if next(results.rglob("*.json"), None) is None:  # a mistyped folder: say so, and leave its old charts alone
+        raise ToolError(f"--results-dir {results} holds no JSON records", "give the folder of a sweep's records")
     out_dir = _output_folder(Path(args.out_dir) if args.out_dir else results / "plots")
     from memory_test.diffusion_profile.plots.draw import draw_all
 
