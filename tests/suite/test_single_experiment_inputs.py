@@ -54,3 +54,10 @@ def test_a_seed_the_seeders_refuse_is_bad_input_not_an_error_record(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"--seed must be an integer in [0, 2**31), got {seed} — see `single_experiment.py --help`")
     assert not out.exists()
+
+
+def test_memory_snapshot_on_the_output_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--experiment", "vanilla", "--output", str(out), "--memory-snapshot", str(tmp_path / "." / "r.json")]
+    assert se.main([*argv, *TINY]) == exit_codes.EXIT_USAGE
+    assert "--memory-snapshot is the --output file" in capsys.readouterr().err and not out.exists()
