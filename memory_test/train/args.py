@@ -65,7 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="checkpoint file, written atomically; an existing one is refused unless --resume is given",
     )
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N logical steps (0: epochs)")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint (same privacy settings)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint: same privacy settings, --model, --lr and --class-dropout (--compile may change)",
+    )
     p.add_argument("--probe-size", type=int, default=256, help="samples in the fixed loss probe (0: none)")
     p.add_argument("--metrics-out", default=None, help="write per-epoch ε and losses as JSON here (atomically)")
     p.add_argument("--seed", type=int, default=0)
