@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from --checkpoint: same privacy settings, --model, --lr and --class-dropout (--compile may change)",
+        help="continue from --checkpoint: same privacy settings, --model, --lr, --class-dropout; --compile may change",
     )
     p.add_argument("--probe-size", type=int, default=256, help="samples in the fixed loss probe (0: none)")
     p.add_argument("--metrics-out", default=None, help="write per-epoch ε and losses as JSON here (atomically)")
