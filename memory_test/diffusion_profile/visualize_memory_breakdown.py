@@ -41,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(TOOL, lambda: _draw(argv))
 
 
-def _output_folder(out_dir: Path) -> Path:
-    """The charts' folder, created if needed; ToolError (before anything is deleted or drawn) if it cannot be."""
+def _check_output_folder(out_dir: Path) -> None:
     why = output_path_problem(out_dir / "summary.md")
     if why:
         raise ToolError(f"--out-dir {out_dir}: {why}", "choose a folder you can write (--out-dir)")
+
+
+def _output_folder(out_dir: Path) -> Path:
+    """The charts' folder, created if needed; ToolError (before anything is deleted or drawn) if it cannot be."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -63,9 +66,11 @@ def _draw(argv: list[str] | None) -> int:
         raise ToolError(
             f"--results-dir {results} is not a folder", "give the folder of JSON records (a sweep's --output-dir)"
         )
+    out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
+    _check_output_folder(out_dir)
     if next(results.rglob("*.json"), None) is None:  # a mistyped folder: say so, and leave its old charts alone
         raise ToolError(f"--results-dir {results} holds no JSON records", "give the folder of a sweep's records")
-    out_dir = _output_folder(Path(args.out_dir) if args.out_dir else results / "plots")
+    _output_folder(out_dir)
     from memory_test.diffusion_profile.plots.draw import draw_all
 
     drawing = draw_all(results, out_dir)
