@@ -39,7 +39,9 @@ DiT-XL/2 with --batch-sizes 8,32,64 and single_experiment.py's --num-iter 10 --w
 Each record is named <experiment>__<model>__img<size>__bs<B>__<precision>__k<K>__<fa|nofa>[__w<N>].json
 (bsmax for a max-batch search; __w<N> only when N > 1). Larger batches of an experiment that ran out of memory
 are recorded as "skipped". Rerunning the same command resumes: finished records (ok, oom, skipped) are kept, error
-records are retried. One sweep per --output-dir at a time.
+records are retried; a finished record measured under other flags (--optimizer, --num-iter, σ, ...) is refused
+before anything runs. One sweep per --output-dir at a time. With --compile and no --experiments, the experiments
+that cannot run compiled are left out (a note names each).
 
 Every flag is checked before anything runs (each configuration by single_experiment.py's own checks); bad input
 ends with one line "run_all_experiments.sh: error: <what> — <what to do>" and exit code 2. Exit codes: 0 every
