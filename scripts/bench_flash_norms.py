@@ -17,10 +17,12 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.kernels import flash_norms_tuning  # noqa: E402
 from memory_test.kernels.flash_norms import (  # noqa: E402
     choose_path,
@@ -348,4 +350,4 @@ def _write(record: dict, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(Path(__file__).name, main))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.diffusion_profile.plots.tables import SETTING_KEYS, add_vanilla_ratios, records_to_frames  # noqa: E402
 from memory_test.records.io import load_records  # noqa: E402
 
@@ -74,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(Path(__file__).name, main))

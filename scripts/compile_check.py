@@ -28,11 +28,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.arg_types import non_negative_int, positive_int  # noqa: E402
+from memory_test.cli_common.devices import resolve_device  # noqa: E402
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
 from memory_test.privacy import PrivacyEngine  # noqa: E402
 from memory_test.privacy.compiled import compile_regions  # noqa: E402
@@ -296,14 +300,14 @@ def main():
     ap.add_argument("--variants", default="eager,compiled", help="eager and/or compiled runs of each experiment")
     ap.add_argument("--programs", default="on", help="compiled DP: post-backward programs on, off, or on,off (both)")
     ap.add_argument("--compile-mode", default="default", choices=["default", "max-autotune", "reduce-overhead"])
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--max-warmup", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
+    ap.add_argument("--max-warmup", type=non_negative_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=10)
     ap.add_argument("--budget-s", type=float, default=510, help="configurations not started by then are skipped")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    MODEL, DEVICE = args.model, torch.device(args.device)
+    MODEL, DEVICE = args.model, resolve_device(args.device)
     probe = DiTHuggingFaceWrapper(MODEL, use_flash_attention=False) if DEVICE.type == "cpu" else None
     args.latent = (32, 1000) if probe is None else (probe.sample_size, probe.num_classes)
     deadline = time.perf_counter() + args.budget_s
@@ -324,4 +328,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_test.cli_common.errors import ToolError, run_tool  # noqa: E402
 
 NOISY_SPREAD = 1.2  # p80/p20 of the step times above this: the median moves with host noise (marked)
 
@@ -72,8 +76,20 @@ def render(data: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json")
-    print(render(json.loads(Path(ap.parse_args().json).read_text())), end="")
+    print(render(read_check(Path(ap.parse_args().json))), end="")
+
+
+def read_check(path: Path) -> dict:
+    """compile_check.py's JSON, or ToolError naming the file."""
+    fix = "give the JSON file compile_check.py wrote"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ToolError(f"{path} cannot be read ({type(e).__name__}: {e})", fix) from None
+    if not isinstance(data, dict) or not isinstance(data.get("time"), list):
+        raise ToolError(f"{path} is not a compile_check.py result (no 'time' list)", fix)
+    return data
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

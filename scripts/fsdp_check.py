@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.arg_types import positive_int  # noqa: E402
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.fsdp import shard_dit  # noqa: E402
@@ -117,10 +120,10 @@ def main():
     parser.add_argument(
         "--mode", default="ghost_fsdp_bk", choices=[n for n, m in MODES.items() if m.distributed] + ["vanilla"]
     )
-    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--global-batch", type=positive_int, default=8)
     parser.add_argument("--max-grad-norm", type=float, default=None, help="default: median per-sample norm")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after the checked one")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps after the checked one")
     parser.add_argument("--tolerance", type=float, default=None, help="default 1e-4 (fp32), 1e-9 (fp64)")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -229,4 +232,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

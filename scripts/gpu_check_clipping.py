@@ -42,6 +42,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 os.environ.setdefault("FLASH_NORMS_AUTOTUNE", "0")  # before the kernels are imported: no timing, one config
 
@@ -50,6 +51,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.kernels.flash_norms import TF32_ROUNDING_ENV  # noqa: E402
 from memory_test.kernels.norm_error import MARGINS_ENV  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
@@ -577,4 +579,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(Path(__file__).name, main))

@@ -12,6 +12,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -19,6 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.arg_types import positive_int  # noqa: E402
+from memory_test.cli_common.devices import require_cuda  # noqa: E402
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, DPGradSampleModule, PrivacyEngine  # noqa: E402
 from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
@@ -91,11 +95,12 @@ def one_mode(base, mode, batch, max_grad_norm, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--steps", type=positive_int, default=4)
     ap.add_argument("--modes", default=",".join(["hooks", *(n for n, m in MODES.items() if not m.distributed)]))
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
+    require_cuda(Path(__file__).name)
     torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 for the comparison
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
@@ -167,4 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

@@ -27,10 +27,14 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memory_test.cli_common.arg_types import names_from, non_negative_int, positive_int  # noqa: E402
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
 from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
@@ -159,28 +163,31 @@ def measure(name: str, args, profile: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="vanilla,ghost,bookkeeping,flash_clip,flash_clip_bk")
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--sample-size", type=int, default=THIN_XL.sample_size, help="latent side (tokens: (side/2)²)")
+    ap.add_argument("--modes", default="vanilla,ghost,bookkeeping,flash_clip,flash_clip_bk",
+                    type=names_from(EXPERIMENTS, "mode"))  # fmt: skip
+    ap.add_argument("--batch-size", type=positive_int, default=2)
+    ap.add_argument(
+        "--sample-size", type=positive_int, default=THIN_XL.sample_size, help="latent side (tokens: (side/2)²)"
+    )
     ap.add_argument(
         "--stack-bytes", type=int, default=grad_sample_module.STACK_BYTES,
         help="the engine's stacking budget; --sample-size 16 --stack-bytes 65536 stacks what XL/2 stacks at B>=8 "
         "(its one-row layers only): at the default the thin layers are so small that all 28 of a kind stack",
     )  # fmt: skip
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
+    ap.add_argument("--steps", type=positive_int, default=15)
     ap.add_argument("--compile", action="store_true", help="regional Inductor compile (vanilla and DP alike)")
     ap.add_argument("--programs", choices=["on", "off"], default="on", help="compiled post-backward programs (DP)")
     ap.add_argument("--phases", action="store_true", help="print each mode's phase split (20th percentiles)")
     ap.add_argument("--profile", default=None, help="mode to run under cProfile after timing")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no intra-op noise)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: no intra-op noise)")
     args = ap.parse_args()
     if args.compile:
         args.warmup = max(args.warmup, 4)  # the eager shape pass, the static compile, steady steps
     torch.set_num_threads(args.threads)
     base = None
     print(f"{'mode':<16} {'host ms/step':>12} {'p20':>7} {'x vanilla':>10}")
-    for name in args.modes.split(","):
+    for name in args.modes:
         r = measure(name, args, profile=name == args.profile)
         base = r["median_ms"] if name == "vanilla" else base
         ratio = f"{r['median_ms'] / base:10.2f}" if base else " " * 10
@@ -190,4 +197,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

@@ -17,10 +17,14 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from memory_test.cli_common.arg_types import positive_int  # noqa: E402
+from memory_test.cli_common.devices import require_cuda  # noqa: E402
+from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
 from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
@@ -135,12 +139,13 @@ def run_mode(name, args, device, x0, labels):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="DiT-XL/2")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--noise-multiplicity", type=int, default=1)
+    ap.add_argument("--batch-size", type=positive_int, default=128)
+    ap.add_argument("--noise-multiplicity", type=positive_int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--modes", default="vanilla,bookkeeping,flash_clip_bk")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args()
+    require_cuda(Path(__file__).name)
     os.makedirs(args.out_dir, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 means TF32 matmuls, as DiT trains
     torch.backends.cudnn.allow_tf32 = True
@@ -189,4 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(Path(__file__).name, main))

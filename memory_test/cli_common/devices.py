@@ -30,3 +30,15 @@ def resolve_device(name: str):
     elif dev.type != "cpu":
         raise ToolError(f"--device {name!r}: only cpu and cuda are supported", "use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def require_cuda(tool: str) -> None:
+    """ToolError unless a CUDA GPU is visible: for the GPU checks and benchmarks that have no CPU path."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ToolError(
+            f"{tool} measures on a CUDA GPU and none is available (torch {torch.__version__}, CUDA build: "
+            f"{torch.version.cuda})",
+            "run it on the GPU box (scripts/gpu_session.sh); on CPU use scripts/host_overhead.py",
+        )

@@ -36,7 +36,12 @@ def error_line(tool: str, what: str, fix: str | None = None) -> str:
 
 
 class ToolArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line in the shared format (no usage block), exit code 2."""
+    """argparse whose errors are one line in the shared format (no usage block), exit code 2. Flags are never
+    abbreviated: the sweep would take single_experiment's ``--output x.json`` as ``--output-dir x.json``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         if not self.exit_on_error:  # a caller validating flags for another tool (the sweep) reports it itself

@@ -32,7 +32,8 @@ EXIT_SKIPPED = 3  # charts and summary written, but some files or charts were le
 EPILOG = (
     "Exit codes: 0 every record drawn; 3 charts and summary.md written, but some files were skipped (corrupt, "
     "foreign, or a field of the wrong type) or a chart could not be drawn, each named in a warning and in "
-    "summary.md; 2 bad input (nothing written); 1 unexpected failure (MEMORY_TEST_DEBUG=1 shows the traceback)."
+    "summary.md; 2 bad input, a folder without JSON records included (nothing written); 1 unexpected failure "
+    "(MEMORY_TEST_DEBUG=1 shows the traceback)."
 )
 
 
@@ -40,11 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_tool(TOOL, lambda: _draw(argv))
 
 
-def _output_folder(out_dir: Path) -> Path:
-    """The charts' folder, created if needed; ToolError (before anything is deleted or drawn) if it cannot be."""
+def _check_output_folder(out_dir: Path) -> None:
     why = output_path_problem(out_dir / "summary.md")
     if why:
         raise ToolError(f"--out-dir {out_dir}: {why}", "choose a folder you can write (--out-dir)")
+
+
+def _output_folder(out_dir: Path) -> Path:
+    """The charts' folder, created if needed; ToolError (before anything is deleted or drawn) if it cannot be."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -62,7 +66,11 @@ def _draw(argv: list[str] | None) -> int:
         raise ToolError(
             f"--results-dir {results} is not a folder", "give the folder of JSON records (a sweep's --output-dir)"
         )
-    out_dir = _output_folder(Path(args.out_dir) if args.out_dir else results / "plots")
+    out_dir = Path(args.out_dir) if args.out_dir else results / "plots"
+    _check_output_folder(out_dir)
+    if next(results.rglob("*.json"), None) is None:  # a mistyped folder: say so, and leave its old charts alone
+        raise ToolError(f"--results-dir {results} holds no JSON records", "give the folder of a sweep's records")
+    _output_folder(out_dir)
     from memory_test.diffusion_profile.plots.draw import draw_all
 
     drawing = draw_all(results, out_dir)

@@ -95,6 +95,36 @@ def check_resume(ckpt: dict, privacy: dict, args: argparse.Namespace) -> None:
             f"cannot resume {args.checkpoint}: it holds a {trained} model, not --model {args.model}",
             f"pass --model {trained}, or start a new run with another --checkpoint",
         )
+    check_training_settings(ckpt.get("run", {}), args)
+
+
+# Training settings a resume keeps (not privacy: the ledger does not depend on them). --lr would be silently
+# replaced by the checkpoint's optimizer state, and a changed label dropout changes the objective mid-run: refused.
+# --compile, --physical-batch-size and the attention kernel change how a step is computed, not what: allowed.
+KEPT_ON_RESUME = {"lr": "--lr", "class_dropout": "--class-dropout"}
+HOW_NOT_WHAT = {"compile": "--compile"}
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The checkpoint's ``run`` block: the model and the training settings a resume is checked against."""
+    return {"model": args.model, **{k: getattr(args, k) for k in (*KEPT_ON_RESUME, *HOW_NOT_WHAT)}}
+
+
+def check_training_settings(saved: dict, args: argparse.Namespace) -> None:
+    """Refuse a resume whose --lr or --class-dropout differ from the checkpoint's; say so when --compile does (the
+    same update either way). Checkpoints from before these were saved are not checked."""
+    changed = [f"{flag} {saved[k]} -> {getattr(args, k)}" for k, flag in KEPT_ON_RESUME.items()
+               if k in saved and saved[k] != getattr(args, k)]  # fmt: skip
+    if changed:
+        raise ToolError(
+            f"cannot resume {args.checkpoint} with changed training settings ({', '.join(changed)}): a resume "
+            "continues the same run (its optimizer state would keep the old learning rate)",
+            "rerun with the checkpoint's values, or start a new run with another --checkpoint",
+        )
+    for k, flag in HOW_NOT_WHAT.items():
+        if k in saved and saved[k] != getattr(args, k):
+            print(f"note: resuming with {flag} {getattr(args, k)} (the checkpoint ran with {saved[k]}): the same "
+                  "update, computed differently; the ledger continues")  # fmt: skip
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict, args: argparse.Namespace) -> None:

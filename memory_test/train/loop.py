@@ -16,7 +16,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tqdm import tqdm
 
 from memory_test.diffusion.objective import EpsilonMSECriterion, make_noisy_batch
-from memory_test.train.checkpoint import CHECKPOINT_FORMAT, rng_state, save_checkpoint, set_rng_state
+from memory_test.train.checkpoint import CHECKPOINT_FORMAT, rng_state, run_settings, save_checkpoint, set_rng_state
 
 
 @dataclass
@@ -104,7 +104,7 @@ def save(run: PrivateRun, progress: Progress) -> None:
             "optimizer": run.optimizer.state_dict(),
             "accountant": run.engine.accountant.state_dict(),
             "privacy": run.privacy,
-            "run": {"model": run.args.model},
+            "run": run_settings(run.args),
             "progress": {"epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch, "global_step": run.steps},
             "epoch_loss": {"sum": progress.loss_sum, "n": progress.loss_n},
             "rng": rng_state(run.noise_gen),

@@ -95,3 +95,14 @@ def test_sweep_checks_passed_through_values_before_running(tmp_path):
         line = r.stderr.strip()
         assert len(line.splitlines()) == 1 and line.startswith("run_all_experiments.sh: error: ") and expect in line
         assert not (tmp_path / "out").exists()  # nothing started, nothing created
+
+
+def test_flags_are_never_abbreviated(tmp_path, capsys):
+    from memory_test.diffusion_profile.suite import plan
+
+    # single_experiment's --output given to the sweep must not become --output-dir x.json
+    with pytest.raises(SystemExit) as stop:
+        plan.main(["--output", str(tmp_path / "x.json"), "--dry-run"])
+    assert stop.value.code == errors.EXIT_BAD_INPUT
+    assert "unrecognized arguments: --output" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -159,3 +159,25 @@ def test_scaling_pairs_sharded_runs_with_their_single_process_family(tmp_path):
     rec = SimpleNamespace(experiment="ghost_fsdp_bk", config=SimpleNamespace(mode=dict(bk, sharding="fsdp")))
     assert tables.scaling_family(rec) == "ghost norms, bookkeeping"
     assert tables.scaling_family(SimpleNamespace(experiment="vanilla", config=SimpleNamespace(mode=None))) == "vanilla"
+
+
+def test_noise_multiplicity_chart_keeps_eager_and_compiled_runs_apart(tmp_path):
+    from memory_test.diffusion_profile.plots import noise_multiplicity as nm
+
+    setting = dict(device="CPU", model="DiT-tiny", image_size=64, precision="fp32", attention="flash", batch_size=2)
+    rows = [
+        dict(setting, experiment=e, compile=c, noise_multiplicity=k, status="ok", median_ms=ms, total_bytes=2**20)
+        for e, c, k, ms in [
+            ("vanilla", "off", 1, 16.0), ("vanilla", "off", 2, 11.5),
+            ("flash_clip_bk", "off", 1, 40.0), ("flash_clip_bk", "off", 2, 15.4),
+            ("vanilla", "default", 1, 12.9), ("flash_clip_bk", "default", 1, 9.9),  # compiled: K=1 only
+        ]
+    ]  # fmt: skip
+    runs = tables.add_vanilla_ratios(pd.DataFrame(rows))
+    groups = nm.k_groups(runs)
+    assert [g["compile"] for g, _ in groups] == ["off"]  # the compiled runs span one K: no chart of their own
+    assert set(groups[0][1]["compile"]) == {"off"}  # and never join the eager line (nor its K=1 baseline)
+    table = nm.k_table(groups[0][1]).set_index(["experiment", "noise_multiplicity"])
+    assert table.loc[("flash_clip_bk", 2), "x_own_k1"] == pytest.approx(15.4 / 40.0)
+    frame = pd.DataFrame(rows).drop(columns="compile")  # hand-built frames from before compile: eager
+    assert [g["compile"] for g, _ in nm.k_groups(tables.add_vanilla_ratios(frame))] == ["off"]

@@ -44,3 +44,16 @@ def test_wrongly_typed_records_are_skipped_by_name_and_the_rest_drawn(tmp_path, 
     assert "| ghost | 16 |" not in summary and "| vanilla | 64 |" not in summary
     charts = list((tmp_path / "plots").glob("peak_memory_vs_batch__*.png"))
     assert len(charts) == 1 and charts[0].stat().st_size > 5000
+
+
+def test_a_folder_without_records_is_bad_input_and_keeps_its_charts(tmp_path, capsys):
+    (tmp_path / "plots").mkdir()
+    old_chart = tmp_path / "plots" / "ratio_to_vanilla__old.png"
+    old_chart.write_bytes(b"png")
+    assert viz.main(["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"{viz.TOOL}: error: --results-dir {tmp_path} holds no JSON records — give the folder of a sweep's records"
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["plots", old_chart.name]  # no summary.md, chart kept

@@ -45,3 +45,19 @@ def test_sigma_zero_records_epsilon_as_infinite_never_a_number(tmp_path, capsys)
     assert "not private" in capsys.readouterr().err
     privacy = records.load_record(out)[0].privacy
     assert privacy.epsilon is None and privacy.epsilon_infinite is True and "infinite" in privacy.epsilon_note
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_the_seeders_refuse_is_bad_input_not_an_error_record(tmp_path, capsys, seed):
+    out = tmp_path / "r.json"
+    assert se.main(["--experiment", "vanilla", "--output", str(out), *TINY, "--seed", seed]) == exit_codes.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--seed must be an integer in [0, 2**31), got {seed} — see `single_experiment.py --help`")
+    assert not out.exists()
+
+
+def test_memory_snapshot_on_the_output_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--experiment", "vanilla", "--output", str(out), "--memory-snapshot", str(tmp_path / "." / "r.json")]
+    assert se.main([*argv, *TINY]) == exit_codes.EXIT_USAGE
+    assert "--memory-snapshot is the --output file" in capsys.readouterr().err and not out.exists()

@@ -318,3 +318,28 @@ def test_compiled_training_matches_eager_training(latents, tmp_path, monkeypatch
     a, b = checkpoint.load_checkpoint(tmp_path / "eager.pt"), checkpoint.load_checkpoint(tmp_path / "compiled.pt")
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resume_under_another_compile_setting_continues_the_same_run(latents, tmp_path, monkeypatch, capsys):
+    """--compile changes how a step is computed, not the update: a run checkpointed compiled and resumed eagerly
+    ends with the ledger and the model of an eager run (the resume says that the setting changed)."""
+    from memory_test.privacy.grad_sample_module import DPGradSampleModule
+
+    compile_private = DPGradSampleModule.compile
+    monkeypatch.setattr(
+        DPGradSampleModule, "compile", lambda self, **kw: compile_private(self, backend="aot_eager", **kw)
+    )
+    torch._dynamo.reset()
+    run = ("--batch-size", 100, "--physical-batch-size", 32, "--epochs", 1, "--noise-multiplier", 1.0)
+    eager = _run(_args(latents, tmp_path, *run, "--max-steps", 3, "--checkpoint", tmp_path / "eager.pt"))
+    mixed = tmp_path / "mixed.pt"
+    _run(_args(latents, tmp_path, *run, "--max-steps", 2, "--compile", "default", "--checkpoint", mixed))
+    torch._dynamo.reset()
+    capsys.readouterr()
+    resumed = _run(_args(latents, tmp_path, *run, "--max-steps", 3, "--checkpoint", mixed, "--resume"))
+    assert "resuming with --compile off (the checkpoint ran with default)" in capsys.readouterr().out
+    assert resumed["accountant_history"] == eager["accountant_history"] and resumed["epsilon"] == eager["epsilon"]
+    a, b = checkpoint.load_checkpoint(tmp_path / "eager.pt"), checkpoint.load_checkpoint(mixed)
+    assert b["run"]["compile"] == "off"
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)

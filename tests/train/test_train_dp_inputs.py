@@ -10,6 +10,7 @@ import torch
 
 from memory_test.cli_common.errors import EXIT_BAD_INPUT
 from memory_test.train import args as train_args
+from memory_test.train import checkpoint
 from memory_test.train import run as train_dp
 from tests.conftest import tiny_latents
 
@@ -62,6 +63,10 @@ BAD = {  # flags -> text of the one-line error; none of them may start any work
     "metrics in a file": (["--noise-multiplier", 1, "--metrics-out", "{file}/m.json"], "is a file, not a folder"),
     "corrupt latents": (["--noise-multiplier", 1, "--latents", "{garbage}"], "is not a readable safetensors file"),
     "corrupt checkpoint": (["--noise-multiplier", 1, "--checkpoint", "{garbage}", "--resume"], "cannot be read"),
+    "checkpoint empty": (["--noise-multiplier", 1, "--checkpoint", ""], "--checkpoint is empty"),
+    "metrics empty": (["--noise-multiplier", 1, "--metrics-out", ""], "--metrics-out is empty"),
+    "pretrained path alone": (["--noise-multiplier", 1, "--pretrained-path", "{file}"], "add --pretrained"),
+    "compile reduce-overhead": (["--noise-multiplier", 1, "--compile", "reduce-overhead"], "not yet verified exact"),
 }
 
 
@@ -115,3 +120,21 @@ def test_resume_mid_epoch_keeps_the_epoch_train_loss(latents, tmp_path):
     resumed = train_dp.train(train_args.parse_args(_argv(latents, *run, "--checkpoint", ckpt, "--resume")))
     assert resumed["accountant_history"] == whole["accountant_history"]
     assert resumed["history"][-1]["train_loss"] == whole["history"][-1]["train_loss"]
+
+
+def test_resume_with_another_lr_is_refused_and_the_checkpoint_kept(latents, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    assert train_dp.main(_argv(latents, "--noise-multiplier", 1, "--checkpoint", ckpt, "--max-steps", 1)) == 0
+    saved = ckpt.read_bytes()
+    resume = _argv(latents, "--noise-multiplier", 1, "--checkpoint", ckpt, "--resume", "--lr", "1e-3")
+    code, err = _main(resume, capsys)
+    assert code == EXIT_BAD_INPUT and "changed training settings (--lr 0.0001 -> 0.001)" in err, err
+    assert ckpt.read_bytes() == saved
+
+
+def test_resume_under_another_compile_setting_is_allowed_and_said(capsys):
+    # compile changes how a step is computed, not the update (test_compiled_training_matches_eager_training)
+    args = train_args.parse_args(["--latents", "x", "--noise-multiplier", "1", "--compile", "off"])
+    checkpoint.check_training_settings({"lr": args.lr, "class_dropout": args.class_dropout, "compile": "default"}, args)
+    assert "resuming with --compile off (the checkpoint ran with default)" in capsys.readouterr().out
+    checkpoint.check_training_settings({"model": "DiT-tiny"}, args)  # checkpoints from before: not checked

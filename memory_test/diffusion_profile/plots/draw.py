@@ -116,15 +116,20 @@ def setting_charts(drawing: Drawing, runs: pd.DataFrame, maxb: pd.DataFrame, set
     return summary.setting_section(df, table, setting, [c for c in charts if c is not None])
 
 
+def group_slug(group: dict, keys) -> str:
+    """A group's file name part; eager groups keep the names they had before compile was a key."""
+    return slug(group[k] for k in keys if not (k == "compile" and group[k] == "off"))
+
+
 def group_charts(drawing: Drawing, runs: pd.DataFrame) -> list[str]:
     sections = []
     for group, df in nm.k_groups(runs):
-        out = drawing.out_dir / f"noise_multiplicity__{slug(group[k] for k in nm.GROUP_KEYS)}.png"
+        out = drawing.out_dir / f"noise_multiplicity__{group_slug(group, nm.GROUP_KEYS)}.png"
         chart = drawing.chart(nm.plot_k, df, group, out, colors(experiment_order(df)))
         if chart is not None:
             sections.append(nm.k_section(df, group, chart))
     for group, df in scaling.scaling_groups(runs):
-        out = drawing.out_dir / f"scaling__{slug(group[k] for k in scaling.GROUP_KEYS)}.png"
+        out = drawing.out_dir / f"scaling__{group_slug(group, scaling.GROUP_KEYS)}.png"
         chart = drawing.chart(scaling.plot_scaling, df, group, out)
         if chart is not None:
             sections.append(scaling.scaling_section(df, group, chart))

@@ -1,6 +1,6 @@
 """How each mode's step time and memory grow with the noise multiplicity K (never imports torch).
 
-Drawn by ``draw``: wherever records of one device, model, image size, precision, attention and
+Drawn by ``draw``: wherever records of one device, model, image size, precision, attention, compile setting and
 batch size cover at least two values of K, it draws one chart and a markdown table across K.
 """
 
@@ -12,9 +12,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from memory_test.diffusion_profile.plots.style import finish, setting_text
-from memory_test.diffusion_profile.plots.tables import groups_where_varies, markdown_table
+from memory_test.diffusion_profile.plots.tables import groups_where_varies, markdown_table, with_setting_defaults
 
-GROUP_KEYS = ("device", "model", "image_size", "precision", "attention", "batch_size")
+# compile too: an eager and a compiled run are two lines, never one (nor a K=1 baseline with two values)
+GROUP_KEYS = ("device", "model", "image_size", "precision", "attention", "compile", "batch_size")
 
 
 def k_groups(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
@@ -24,7 +25,8 @@ def k_groups(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     """
     if runs.empty:
         return []
-    return groups_where_varies(runs[runs["status"] == "ok"], GROUP_KEYS, "experiment", "noise_multiplicity")
+    ok = with_setting_defaults(runs[runs["status"] == "ok"])
+    return groups_where_varies(ok, GROUP_KEYS, "experiment", "noise_multiplicity")
 
 
 def _title(group: dict) -> str:

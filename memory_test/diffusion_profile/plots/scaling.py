@@ -15,9 +15,18 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from memory_test.diffusion_profile.plots.style import byte_unit, finish, setting_text
-from memory_test.diffusion_profile.plots.tables import groups_where_varies, markdown_table
+from memory_test.diffusion_profile.plots.tables import groups_where_varies, markdown_table, with_setting_defaults
 
-GROUP_KEYS = ("hardware", "model", "image_size", "precision", "noise_multiplicity", "attention", "batch_size")
+GROUP_KEYS = (
+    "hardware",
+    "model",
+    "image_size",
+    "precision",
+    "noise_multiplicity",
+    "attention",
+    "compile",
+    "batch_size",
+)
 STATE_PARTS = ("weights", "gradients", "optimizer_state")
 
 
@@ -25,7 +34,7 @@ def scaling_groups(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     """(group, its ok runs with a scaling family) for every group whose runs span two or more world sizes."""
     if runs.empty or "scaling_family" not in runs:
         return []
-    ok = runs[(runs["status"] == "ok") & runs["scaling_family"].notna()]
+    ok = with_setting_defaults(runs[(runs["status"] == "ok") & runs["scaling_family"].notna()])
     return groups_where_varies(ok, GROUP_KEYS, "scaling_family", "world_size")
 
 

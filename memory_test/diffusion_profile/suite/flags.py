@@ -44,6 +44,8 @@ POSITIVE_INT = Rule(lambda v: v > 0, "a positive integer", "positive integers")
 NON_NEGATIVE_INT = Rule(lambda v: v >= 0, "an integer >= 0", "integers >= 0")
 FINITE_POSITIVE = Rule(lambda v: math.isfinite(v) and v > 0, "a finite number > 0", "finite numbers > 0")
 FINITE_NON_NEGATIVE = Rule(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", "finite numbers >= 0")
+# numpy's and torch's seeders take [0, 2**32); the objective's generator is seeded with seed + 1
+SEED = Rule(lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)", "integers in [0, 2**31)")
 OPEN_UNIT = Rule(lambda v: 0 < v < 1, "in (0, 1)", "in (0, 1)")
 
 
@@ -98,7 +100,7 @@ FLAGS: tuple[Flag, ...] = (
          field="warmup_iter", copy=True),
     Flag("--noise-multiplicity", "experiment", "K noise draws per image: B*K rows per step", int, 1,
          rule=POSITIVE_INT, field="noise_multiplicity", copy=True),
-    Flag("--seed", "experiment", "", int, 0, field="seed", copy=True),
+    Flag("--seed", "experiment", "", int, 0, rule=SEED, field="seed", copy=True),
     # model
     Flag("--model", "model", "DiT size preset (DiT-tiny, DiT-S/2, DiT-B/2, DiT-L/2, DiT-XL/2) or e.g. DiT-B/4, "
          "facebook/DiT-XL-2-256 (default: DiT-XL/2 on a GPU, DiT-tiny on CPU)", str, field="model"),

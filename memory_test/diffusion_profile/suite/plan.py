@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory_test.cli_common.errors import ToolArgumentParser, ToolError, run_tool
+from memory_test.cli_common.files import output_path_problem
 from memory_test.diffusion_profile.suite import flags as F
 from memory_test.diffusion_profile.suite.resume import BATCH_PART
 from memory_test.records.record import RunConfig
@@ -38,7 +39,9 @@ DiT-XL/2 with --batch-sizes 8,32,64 and single_experiment.py's --num-iter 10 --w
 Each record is named <experiment>__<model>__img<size>__bs<B>__<precision>__k<K>__<fa|nofa>[__w<N>].json
 (bsmax for a max-batch search; __w<N> only when N > 1). Larger batches of an experiment that ran out of memory
 are recorded as "skipped". Rerunning the same command resumes: finished records (ok, oom, skipped) are kept, error
-records are retried. One sweep per --output-dir at a time.
+records are retried; a finished record measured under other flags (--optimizer, --num-iter, σ, ...) is refused
+before anything runs. One sweep per --output-dir at a time. With --compile and no --experiments, the experiments
+that cannot run compiled are left out (a note names each).
 
 Every flag is checked before anything runs (each configuration by single_experiment.py's own checks); bad input
 ends with one line "run_all_experiments.sh: error: <what> — <what to do>" and exit code 2. Exit codes: 0 every
@@ -107,9 +110,7 @@ def on_gpu(device: str | None) -> bool:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    out_dir = Path(args.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ToolError(f"--output-dir {out_dir} is a file, not a folder", "choose a folder")
+    out_dir = output_folder(args.output_dir)
     gpu = on_gpu(args.device)
     batches = sorted(set(F.split_list(F.BY_NAME["--batch-size"], args.batch_size, int)))
     batches = batches or list(GPU_BATCH_SIZES if gpu else CPU_BATCH_SIZES)
@@ -125,7 +126,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 configs.append(configuration(name, precision, "max", common, out_dir))
     if not configs:
         raise ToolError("the options select no configuration to run", "check --experiments, --batch-sizes")
+    for c in configs:
+        refuse_kept_record_of_other_settings(c)
     return Plan(configs, header(configs, args, gpu, batches, precisions, info), out_dir)
+
+
+def output_folder(text: str) -> Path:
+    """--output-dir as a folder records can be written into (nothing is created here)."""
+    if not text.strip():  # Path("") is the current folder: records would land wherever the sweep was started
+        raise ToolError("--output-dir is empty", "give the folder for the records, e.g. results/diffusion_profile")
+    out_dir = Path(text)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ToolError(f"--output-dir {out_dir} is a file, not a folder", "choose a folder")
+    why = output_path_problem(out_dir / "record.json")
+    if why:
+        raise ToolError(f"--output-dir {out_dir}: {why}", "choose a folder you can write")
+    return out_dir
 
 
 def passed_on(args: argparse.Namespace, gpu: bool) -> list[str]:
@@ -171,7 +187,28 @@ def experiments(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     notes = (
         [f"note: K > 1: leaving out {', '.join(no_k)} (upstream Opacus treats every row as a sample)"] if no_k else []
     )
-    return [n for n in names if n not in no_k], notes
+    names = [n for n in names if n not in no_k]
+    if args.experiment is None:  # named experiments are checked (and refused) one by one in `validated`
+        names, left_out = compilable(names, args.compile or "off", nproc)
+        notes += left_out
+    return names, notes
+
+
+def compilable(names: list[str], mode: str, nproc: int) -> tuple[list[str], list[str]]:
+    """The default experiments that run under --compile ``mode`` (single_experiment's own check), and a note for
+    each left out; all of them when none would (then the first configuration's check says why)."""
+    from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS
+    from memory_test.diffusion_profile.suite.validate import check_compile
+
+    refused = {}
+    for name in names:
+        try:
+            check_compile(EXPERIMENTS[name], mode, nproc)
+        except ToolError as e:
+            refused[name] = e.what
+    if len(refused) == len(names):
+        return names, []
+    return [n for n in names if n not in refused], [f"note: leaving out {n}: {why}" for n, why in refused.items()]
 
 
 def configuration(name: str, precision: str, batch: str, common: list[str], out_dir: Path) -> Configuration:
@@ -197,6 +234,35 @@ def validated(name: str, precision: str, batch: str, common: list[str], out_dir:
             fix = "fix that flag (the sweep passes it to single_experiment.py)"
         raise ToolError(what, fix) from None
     return config
+
+
+# The settings a record's name does not hold (it holds experiment, model, size, batch, precision, K, attention,
+# processes, compile): a finished record kept on a rerun must have been measured with the same ones.
+UNNAMED_SETTINGS = tuple(f for f in F.FLAGS if f.field and "." not in f.field and f.sweep == "pass")
+
+
+def refuse_kept_record_of_other_settings(c: Configuration) -> None:
+    """A rerun keeps finished records by name: one measured under other flags (--optimizer, --num-iter, σ...)
+    would be reported as this sweep's result. Refused before anything runs; error records are rerun anyway."""
+    from memory_test.diffusion_profile.suite.resume import FINISHED
+    from memory_test.records.io import load_record
+
+    if not c.output.is_file():
+        return
+    rec, _ = load_record(c.output)
+    if rec is None or rec.status not in FINISHED:
+        return
+    changed = [
+        f"{flag.name} {old} (this sweep: {new})"
+        for flag in UNNAMED_SETTINGS
+        if (old := getattr(rec.config, flag.field, None)) is not None and old != (new := getattr(c.config, flag.field))
+    ]
+    if changed:
+        raise ToolError(
+            f"{c.output} was measured with {', '.join(changed)}; a rerun keeps finished records, so it would be "
+            "reported as this sweep's",
+            "rerun with the flags it was measured with to resume, or choose another --output-dir",
+        )
 
 
 def record_name(config: RunConfig, batch: str) -> str:

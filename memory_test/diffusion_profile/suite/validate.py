@@ -8,6 +8,7 @@ output paths. Bad input raises ``UsageError`` (one line, exit 2, nothing written
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from memory_test.cli_common.devices import resolve_device
 from memory_test.cli_common.errors import ToolError
@@ -129,6 +130,9 @@ def check_outputs(args: argparse.Namespace) -> None:
     for flag, path in (("--output", args.output), ("--memory-snapshot", args.memory_snapshot)):
         if path is not None and (why := check_writable_output(path)):
             raise UsageError(why.replace("--output", flag))
+    if args.memory_snapshot and Path(args.memory_snapshot).resolve() == Path(args.output).resolve():
+        raise UsageError("--memory-snapshot is the --output file: one would overwrite the other",
+                         "give the snapshot its own file, e.g. snapshot.pickle")  # fmt: skip
 
 
 def parse_bracket(text: str | None) -> tuple[int, int] | None:

@@ -1,0 +1,55 @@
+"""The sweep's plan refuses, before anything runs, what would make a rerun report the wrong thing or write elsewhere."""
+
+from __future__ import annotations
+
+from memory_test.cli_common.errors import EXIT_BAD_INPUT
+from memory_test.diffusion_profile.suite import cli, plan
+
+SMALL = ["--experiments", "vanilla", "--batch-sizes", "2", "--num-iter", "2", "--warmup-iter", "1", "--device", "cpu"]
+
+
+def _plan(argv, capsys) -> tuple[int, str, str]:
+    code = plan.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def _recorded_without_run(out_dir, *flags) -> None:
+    """A finished ("skipped") record of the SMALL configuration, as the sweep writes one, made with ``flags``."""
+    config = plan.validated("vanilla", "fp32", "2", ["--num-iter", "2", "--warmup-iter", "1", *flags], out_dir)
+    output = out_dir / plan.record_name(config, "2")
+    argv = plan.F.to_argv(config.replace(output=str(output)))
+    assert cli.run([*argv, "--record-only", "skipped", "--record-message", "test"], "") == 0
+
+
+def test_rerun_with_other_settings_is_refused_not_reported_as_kept(tmp_path, capsys):
+    _recorded_without_run(tmp_path, "--optimizer", "sgd", "--seed", "3")
+    code, out, err = _plan(["--output-dir", str(tmp_path), *SMALL, "--emit-bash"], capsys)
+    assert code == EXIT_BAD_INPUT and out == ""
+    assert "was measured with --seed 3 (this sweep: 0), --optimizer sgd (this sweep: adamw)" in err
+    assert len(err.splitlines()) == 1 and "choose another --output-dir" in err
+
+
+def test_rerun_with_the_same_settings_resumes(tmp_path, capsys):
+    _recorded_without_run(tmp_path, "--optimizer", "sgd")
+    code, out, err = _plan(["--output-dir", str(tmp_path), *SMALL, "--optimizer", "sgd", "--emit-bash"], capsys)
+    assert code == 0 and "TOTAL=1" in out, err
+
+
+def test_default_experiments_under_compile_leave_out_what_cannot_compile(tmp_path, capsys):
+    base = ["--output-dir", str(tmp_path), "--batch-sizes", "2", "--device", "cpu"]
+    code, out, err = _plan([*base, "--compile", "reduce-overhead"], capsys)
+    assert code == 0, err
+    assert "note: leaving out opacus_hooks: " in out and "note: leaving out ghost: " in out
+    assert [line.split(" -> ")[0] for line in out.splitlines() if " -> " in line] == ["vanilla fp32 bs=2"]
+    code, _, err = _plan([*base, "--compile", "default", "--experiments", "vanilla,opacus_hooks"], capsys)
+    assert code == EXIT_BAD_INPUT and "opacus_hooks is unmodified upstream Opacus" in err  # named: refused
+
+
+def test_output_dir_empty_or_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _plan(["--output-dir", "", *SMALL], capsys)
+    assert code == EXIT_BAD_INPUT and "--output-dir is empty" in err
+    code, _, err = _plan(["--output-dir", str(tmp_path / "afile" / "sub"), *SMALL], capsys)
+    assert code == EXIT_BAD_INPUT and f"{tmp_path / 'afile'} is a file, not a folder" in err
+    assert "sweep_flag_check" not in err  # names the folder given, not a file the user never named
