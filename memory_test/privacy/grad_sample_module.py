@@ -81,6 +81,19 @@ class _LayerState:
         return [p for p in self._own_params if p.requires_grad]
 
 
+def _owner_of_alias(modules: set, names: dict) -> set:
+    """The module that owns a parameter also registered on its ancestors (Opacus' DPLSTM re-registers its cells'
+    RNNLinear weights under nn.LSTM's names): the descendant, which computes with it. Any use of the parameter
+    outside that module's forward is refused by the coverage walk, so the aliases need no rule. Otherwise (a tie
+    between modules that are not ancestor and descendant) the set as given."""
+    deepest = max(modules, key=lambda mod: len(names[mod]))
+    path = names[deepest]
+    ancestors = [mod for mod in modules if mod is not deepest]
+    if all(names[mod] == "" or path.startswith(names[mod] + ".") for mod in ancestors):
+        return {deepest}
+    return modules
+
+
 class DPGradSampleModule(AbstractGradSampleModule):
     """GradSampleModule for this package's modes: exact per-sample norms, two-pass or book-keeping clipping."""
 
@@ -147,6 +160,9 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 if p.requires_grad:
                     owners[p].add(module)
                     names.setdefault(module, name)
+        for p in [p for p, mods in owners.items() if len(mods) > 1]:
+            owners[p] = _owner_of_alias(owners[p], names)
+        names = {mod: name for mod, name in names.items() if any(mod in mods for mods in owners.values())}
         shared = [p for p, mods in owners.items() if len(mods) > 1]
         if shared:
             held_by = sorted({names[mod] for p in shared for mod in owners[p]})

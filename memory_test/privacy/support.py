@@ -19,7 +19,11 @@ REFUSALS = [
      "freeze them"),
     ("a supported layer with trainable parameters besides weight and bias (`torch.nn.utils.weight_norm`, "
      "`spectral_norm`)", "`UnsupportedLayerError`", "remove the reparametrisation or freeze them"),
-    ("weights tied between two modules", "`SharedParameterError`", "reuse one module object (exact) or freeze"),
+    (
+        "weights tied between two modules (a parameter an ancestor re-registers, as DPLSTM does, stays its layer's)",
+        "`SharedParameterError`",
+        "reuse one module object (exact) or freeze",
+    ),
     ("a parameter used outside its module's forward (`h @ wte.weight.t()`)", "`CoverageError`",
      "use it through its module, or freeze it"),
     ("reentrant activation checkpointing", "`CoverageError`", "use `use_reentrant=False` (supported)"),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from opacus.layers import DPMultiheadAttention
+from opacus.layers import DPGRU, DPLSTM, DPMultiheadAttention
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -353,6 +353,34 @@ def _conv1d(**kw):
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
+
+class _Recurrent(nn.Module):
+    """Opacus' DPLSTM/DPGRU (2 layers, bidirectional): their cells' RNNLinear weights are re-registered on the RNN
+    under nn.LSTM's names (aliases of one parameter on an ancestor)."""
+
+    def __init__(self, cls, batch_first: bool):
+        super().__init__()
+        self.rnn = cls(3, 4, batch_first=batch_first, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(8, 2)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        return self.head(h if self.batch_first else h.transpose(0, 1))
+
+
+class _AliasUsedByAncestor(nn.Module):
+    """An ancestor registers its child's weight under another name and uses it in its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.alias = self.lin.weight
+
+    def forward(self, x):
+        return self.lin(x) + torch.tanh(x) @ self.alias.t()
+
+
 CASES: list[Case] = [
     Case("dit_k1", _tiny_dit, _dit_inputs),
     Case("dit_k3", _tiny_dit, _dit_inputs, k=3),
@@ -429,6 +457,16 @@ CASES: list[Case] = [
         _x(4, 5),
         UnsupportedLayerError,
     ),
+    *(
+        Case(
+            f"{cls.__name__.lower()}_{'batch' if bf else 'seq'}_first",
+            lambda c=cls, b=bf: randomize(_Recurrent(c, b)),
+            _x(5, 3),
+        )
+        for cls in (DPLSTM, DPGRU)
+        for bf in (True, False)
+    ),  # fmt: skip
+    Case("alias_used_by_ancestor", lambda: randomize(_AliasUsedByAncestor()), _x(5), CoverageError),
 ]
 
 
