@@ -115,7 +115,17 @@ class DPLossTensor:
         self.loss_per_sample = loss_per_sample
         self._owner = owner
 
-    def backward(self) -> None:
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None) -> None:
+        """The DP backward (norms, clipping; the engine decides what to retain). torch.Tensor.backward's arguments
+        would change what is differentiated or kept, which the clipping cannot follow: refused."""
+        given = {"gradient": gradient, "retain_graph": retain_graph, "create_graph": create_graph, "inputs": inputs}
+        used = [name for name, value in given.items() if value not in (None, False)]
+        if used:
+            raise CriterionError(
+                f"the DP loss's backward() takes no arguments (got {', '.join(used)}): the engine runs its own "
+                "backward(s) to clip each sample; call loss.backward() once per step, and compute any other "
+                "gradient from a separate forward."
+            )
         self._owner.backward_fn(self._owner.module, self.loss_per_sample)
 
     def detach(self) -> torch.Tensor:

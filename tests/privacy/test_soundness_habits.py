@@ -15,7 +15,14 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from memory_test.privacy import MODES, CoverageError, NonFiniteSampleError, PrivacyConfigError, PrivacyEngine
+from memory_test.privacy import (
+    MODES,
+    CoverageError,
+    CriterionError,
+    NonFiniteSampleError,
+    PrivacyConfigError,
+    PrivacyEngine,
+)
 from memory_test.privacy.reference import clipped_sum, per_sample_gradients
 from tests.conftest import per_sample_mse
 
@@ -177,3 +184,18 @@ def test_optimizer_leaving_out_trainable_parameters_is_refused(mode):
         _private(net, mode, TensorDataset(torch.zeros(8)), 4, params=net[2].parameters())
     net[0].requires_grad_(False)  # frozen instead: fine
     _private(net, mode, TensorDataset(torch.zeros(8)), 4, params=net[2].parameters())
+
+
+@pytest.mark.parametrize("mode", MODES_UNDER_TEST)
+@pytest.mark.parametrize("kwargs", [{"retain_graph": True}, {"create_graph": True}, {"inputs": "params"}])
+def test_backward_arguments_of_the_dp_loss_are_refused_with_the_engine_error(mode, kwargs):
+    """torch.Tensor.backward's arguments would change what the engine's own backward differentiates or keeps."""
+    net = _net()
+    _, model, opt, crit, _ = _private(net, mode, TensorDataset(torch.zeros(8)), 4)
+    x, target = _data(4, 9)
+    loss = crit(model(x), target)
+    kwargs = {k: list(net.parameters()) if v == "params" else v for k, v in kwargs.items()}
+    with pytest.raises(CriterionError, match="takes no arguments"):
+        loss.backward(**kwargs)
+    crit(model(x), target).backward()  # the ordinary call still works afterwards
+    opt.step()
