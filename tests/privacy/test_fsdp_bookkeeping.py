@@ -174,6 +174,36 @@ def _accounting_case() -> dict:
     }
 
 
+def _plain_backward_case() -> dict:
+    """loss.backward() on a loss not made by the DP criterion: FSDP2 reduce-scatters an unclipped gradient into the
+    shards and runs the sharded parameters' post-accumulate-grad hooks, which the engine registered; the step must
+    be refused, alone or before a DP backward, and a normal step must work after zero_grad."""
+    from memory_test.privacy import CoverageError
+
+    out = {}
+    for name, also_dp in (("alone", False), ("before_dp", True)):
+        model = _linear_stack(3)
+        engine, dp_model, dp_opt, crit, _ = _make_private(
+            model, dataset_size=8, batch_size=8, criterion=per_sample_criterion(1, "mean")
+        )
+        x, y = torch.randn(4, 64), torch.randn(4, 40)
+        per_sample_criterion(1, "mean")(dp_model(x), y).mean().backward()
+        if also_dp:
+            crit(dp_model(x), y).backward()
+        before = [_full(p.detach()).clone() for p in model.parameters()]
+        try:
+            dp_opt.step()
+            out[name] = "stepped"
+        except CoverageError as e:
+            out[name] = "refused" if "outside the DP criterion" in str(e) else str(e)
+        unchanged = all(torch.equal(b, _full(p.detach())) for b, p in zip(before, model.parameters()))
+        dp_opt.zero_grad()
+        crit(dp_model(x), y).backward()
+        dp_opt.step()
+        out[name] += f", unchanged={unchanged}, then {len(engine.accountant.history)} step(s) accounted"
+    return out
+
+
 def _unsharded_model_error() -> str:
     try:
         _make_private(nn.Linear(3, 2), dataset_size=4, batch_size=4, criterion=per_sample_criterion(1, "mean"))
@@ -196,6 +226,7 @@ def _worker(out_path: str) -> None:
     results["noise"] = _noise_case()
     results["accounting"] = _accounting_case()
     results["unsharded_error"] = _unsharded_model_error()
+    results["plain_backward"] = _plain_backward_case()
     results["world_size"] = dist.get_world_size()
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
@@ -248,6 +279,11 @@ def test_accountant_sees_the_global_sampling_rate(results):
     assert acc["loader_sample_rate"] == acc["accountant_sample_rate"] == acc["global_rate"]
     assert acc["accountant_steps"] == 1
     assert acc["optimizer_expected_batch"] == 16 / 2  # Opacus: per worker; noise is divided by W to match
+
+
+def test_plain_backward_outside_the_criterion_is_refused_under_fsdp(results):
+    want = "refused, unchanged=True, then 1 step(s) accounted"
+    assert results["plain_backward"] == {"alone": want, "before_dp": want}
 
 
 def test_unsharded_model_is_a_clear_error(results):
