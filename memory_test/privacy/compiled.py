@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .errors import PrivacyConfigError
-from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary
+from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary, autocast_target
 from .layer_rules import Use
 from .modes import MODES
 from .post_programs import PostPrograms
@@ -97,15 +97,8 @@ def _record_use(module: nn.Module, inputs: tuple, output):
 def _cast_for_autocast(module: nn.Module, inputs: tuple):
     """The eager engine's ``_cast_input`` (see there) without its per-step cache: in a graph, CSE shares the cast."""
     x = inputs[0] if inputs else None
-    if getattr(module, _USES_ATTR, None) is None or not (isinstance(x, torch.Tensor) and x.is_floating_point()):
-        return None
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    dtype = torch.get_autocast_dtype(device_type)
-    if x.dtype in (dtype, torch.float64):
-        return None
-    return (x.to(dtype), *inputs[1:])
+    dtype = autocast_target(x) if getattr(module, _USES_ATTR, None) is not None else None
+    return None if dtype is None else (x.to(dtype), *inputs[1:])
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple[tuple, int]:

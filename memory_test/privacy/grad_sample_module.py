@@ -81,6 +81,18 @@ class _LayerState:
         return [p for p in self._own_params if p.requires_grad]
 
 
+def autocast_target(x) -> torch.dtype | None:
+    """The dtype autocast would run a lowered layer (Linear, conv) in on ``x``, or None when it would not cast
+    (not a floating tensor, autocast off on its device, already that dtype, or float64, which autocast keeps)."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if x.dtype in (dtype, torch.float64) else dtype
+
+
 def _owner_of_alias(modules: set, names: dict) -> set:
     """The module that owns a parameter also registered on its ancestors (Opacus' DPLSTM re-registers its cells'
     RNNLinear weights under nn.LSTM's names): the descendant, which computes with it. Any use of the parameter
@@ -295,15 +307,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         if _dynamo_tracing():  # its id()-keyed cache is per step: see _untraced
             return _untraced(self._cast_input, module, inputs)
         x = inputs[0] if inputs else None
-        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and self.hooks_enabled):
-            return None
-        device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        dtype = torch.get_autocast_dtype(device_type)
-        if x.dtype in (dtype, torch.float64):
-            return None
-        return (self._cache.cast(x, dtype), *inputs[1:])
+        dtype = autocast_target(x) if self.hooks_enabled else None
+        return None if dtype is None else (self._cache.cast(x, dtype), *inputs[1:])
 
     hooks_enabled = True
 
