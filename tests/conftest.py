@@ -124,18 +124,8 @@ def dp_update(model, batch, k, max_grad_norm, mode, reduction, n=4):
     """The parameter update of one noiseless DP-SGD step (SGD, lr 1) of a copy of ``model`` on ``batch``."""
     model = copy.deepcopy(model)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = DataLoader(TensorDataset(torch.zeros(n)), batch_size=n)
-    dp_model, dp_opt, crit, _ = PrivacyEngine().make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        criterion=per_sample_criterion(k, reduction),
-        noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm,
-        grad_sample_mode=mode,
-        poisson_sampling=False,
-        loss_reduction=reduction,
+    dp_model, dp_opt, crit, _ = make_private(
+        model, mode, per_sample_criterion(k, reduction), n, max_grad_norm=max_grad_norm, loss_reduction=reduction
     )
     x, t, y, target = batch
     loss = crit(dp_model(x, t, y), target)

@@ -17,7 +17,7 @@ from memory_test.privacy import MODES, PrivacyConfigError, PrivacyEngine
 from memory_test.privacy.compiled import CompiledDPGradSampleModule, compile_private, repeated_blocks
 from memory_test.privacy.fsdp import FSDPDPGradSampleModule
 from memory_test.profiling.compile_stats import compile_stats
-from tests.conftest import TinyDiT, make_batch, per_sample_criterion, reference_update, rel_err
+from tests.conftest import TinyDiT, make_batch, make_private, per_sample_criterion, reference_update, rel_err
 
 SINGLE_PROCESS_MODES = sorted(name for name, m in MODES.items() if not m.distributed)
 AOT = {"backend": "aot_eager", "fullgraph": True}
@@ -41,17 +41,8 @@ def _private(model, mode, k, max_grad_norm, n=4, reduction="mean", prepare=None)
     model = copy.deepcopy(model)
     if prepare is not None:
         prepare(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    dp_model, dp_opt, crit, _ = PrivacyEngine().make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=DataLoader(TensorDataset(torch.zeros(n)), batch_size=n),
-        criterion=per_sample_criterion(k, reduction),
-        noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm,
-        grad_sample_mode=mode,
-        poisson_sampling=False,
-        loss_reduction=reduction,
+    dp_model, dp_opt, crit, _ = make_private(
+        model, mode, per_sample_criterion(k, reduction), n, max_grad_norm=max_grad_norm, loss_reduction=reduction
     )
     return dp_model, dp_opt, crit
 
