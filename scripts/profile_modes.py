@@ -1,19 +1,27 @@
 """Where the time and memory of each mode go on DiT-XL/2: phase split, kernel categories, BK cache, profiler tables.
 
     python scripts/profile_modes.py --batch-size 128 --precision fp32 --modes vanilla,flash_clip_bk --out-dir $OUT
+    python scripts/profile_modes.py --batch-size 8 --precision bf16 --compile default --host-profile --out-dir $OUT
 
 For each mode, in one process (a same-run comparison): 3 warm-up steps, 6 timed steps (median; the suite's
 StepTimer marks forward / backward / optimizer with CUDA events; `host_issue`: host time until the step's work is
 issued, which approaches the step time when the step is bound by Python and launches, as at small batches), one
 step under torch.profiler whose CUDA kernels are summed by category. Peaks from the suite's MemoryTracker; the
 engine's cache peak, norm paths and kernel backend from its public stats().
+
+``--compile MODE``: the suite's regional compile (DP modes through ``dp_model.compile``), warmed up until a step
+compiles nothing. ``--host-profile``: one more step under cProfile (host work only: where Python spends a
+host-bound step), its top functions written beside the kernel table.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -27,7 +35,10 @@ from memory_test.cli_common.devices import require_cuda  # noqa: E402
 from memory_test.cli_common.errors import run_tool  # noqa: E402
 from memory_test.diffusion.objective import NoiseSchedule, make_noisy_batch  # noqa: E402
 from memory_test.diffusion_profile.suite.experiments import EXPERIMENTS, RunContext  # noqa: E402
+from memory_test.diffusion_profile.suite.flags import COMPILE_MODES  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
+from memory_test.privacy.compiled import compile_regions  # noqa: E402
+from memory_test.profiling.compile_stats import compile_stats  # noqa: E402
 from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
 
 # Substrings of CUDA kernel names -> category; first match wins.
@@ -68,6 +79,7 @@ def run_mode(name, args, device, x0, labels):
         seed=0,
     )
     prepared = EXPERIMENTS[name].prepare(model, ctx)
+    compile_run(args.compile, prepared, model)
     net, opt, loss_fn = prepared.model, prepared.optimizer, prepared.loss_fn
     schedule = NoiseSchedule()
     schedule.alphas_cumprod = schedule.alphas_cumprod.to(device)
@@ -89,8 +101,9 @@ def run_mode(name, args, device, x0, labels):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
+    t0 = time.perf_counter()
+    warm = warm_up(step, compiled=args.compile != "off")
+    warm_s = time.perf_counter() - t0
     tracker = MemoryTracker(device, sample=False)
     tracker.reset_peaks()
     if prepared.engine is not None:
@@ -118,8 +131,10 @@ def run_mode(name, args, device, x0, labels):
         if dev_us and evt.device_type == torch.autograd.DeviceType.CUDA:
             cats[categorize(evt.key)] = cats.get(categorize(evt.key), 0.0) + dev_us / 1e3
             kernels[evt.key] = dev_us / 1e3
+    host_top = host_profile(step, name, args) if args.host_profile else None
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
-    with open(os.path.join(args.out_dir, f"profile_{name}_{args.precision}_b{args.batch_size}.txt"), "w") as f:
+    tag = f"{name}_{args.precision}_b{args.batch_size}_c{args.compile}"
+    with open(os.path.join(args.out_dir, f"profile_{tag}.txt"), "w") as f:
         f.write(table)
     stats = prepared.engine.stats() if prepared.engine is not None else None  # this package's engine only
     result = {
@@ -132,8 +147,64 @@ def run_mode(name, args, device, x0, labels):
         "norm_path_counts": stats.norm_path_counts if stats else {},
         "kernel_backend": stats.kernel_backend if stats else None,
         "attention_backend": model.attention_backend,
+        "warmup_steps": warm,
+        "warmup_s": warm_s,
+        "host_profile_top": host_top,
     }
     return result
+
+
+def compile_run(mode: str, prepared, model) -> None:
+    """The suite's compile: repeated blocks, DP modes through the engine (exact sink recording)."""
+    if mode == "off":
+        return
+    kwargs = {} if mode == "default" else {"mode": mode}
+    if prepared.engine is not None:
+        prepared.engine.compile(regional=True, **kwargs)
+    else:
+        compile_regions(model, regional=True, **kwargs)
+
+
+def warm_up(step, *, compiled: bool) -> int:
+    """3 steps; compiled: on until a step after the compiling ones compiles nothing (at most 12)."""
+    steps, seen_compile = 0, False
+    while steps < 12:
+        before = compile_stats()
+        step()
+        torch.cuda.synchronize()
+        steps += 1
+        now = compile_stats().since(before)
+        seen_compile |= bool(now.graphs or now.recompiles)
+        if steps >= 3 and (not compiled or (seen_compile and not (now.graphs or now.recompiles))):
+            break
+    return steps
+
+
+def host_profile(step, name: str, args, top: int = 40) -> list:
+    """One step under cProfile: the functions with the most own host time (written in full beside the table)."""
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    step()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    tag = f"{name}_{args.precision}_b{args.batch_size}_c{args.compile}"
+    with open(os.path.join(args.out_dir, f"host_{tag}.txt"), "w") as f:
+        f.write(text.getvalue())
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, fn) -> (cc, nc, tt, ct, ...)
+    return [
+        {
+            "fn": f"{fn[2]} ({os.path.basename(fn[0])}:{fn[1]})",
+            "calls": v[1],
+            "self_ms": v[2] * 1e3,
+            "cum_ms": v[3] * 1e3,
+        }
+        for fn, v in rows
+    ]
 
 
 def main():
@@ -143,6 +214,8 @@ def main():
     ap.add_argument("--noise-multiplicity", type=positive_int, default=1)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--modes", default="vanilla,bookkeeping,flash_clip_bk")
+    ap.add_argument("--compile", choices=COMPILE_MODES, default="off", help="regional torch.compile, as the suite")
+    ap.add_argument("--host-profile", action="store_true", help="also one step under cProfile (host time)")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args()
     require_cuda(Path(__file__).name)
@@ -173,13 +246,17 @@ def main():
         },
         "modes": results,
     }
-    path = os.path.join(args.out_dir, f"profile_{args.precision}_b{args.batch_size}_k{args.noise_multiplicity}.json")
+    tag = f"{args.precision}_b{args.batch_size}_k{args.noise_multiplicity}_c{args.compile}"
+    path = os.path.join(args.out_dir, f"profile_{tag}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
     os.replace(path + ".tmp", path)
     base = results.get("vanilla", {}).get("phases_ms_median", {}).get("step")
     peak0 = results.get("vanilla", {}).get("peak_allocated_bytes")
-    print(f"{'mode':16s} {'step':>8s} {'fwd':>7s} {'bwd':>7s} {'opt':>6s} {'x van':>6s} {'peak GiB':>9s} {'x van':>6s}")
+    print(
+        f"{'mode':16s} {'step':>8s} {'fwd':>7s} {'bwd':>7s} {'opt':>6s} {'host':>7s} {'gpu':>7s} {'x van':>6s} "
+        f"{'peak GiB':>9s} {'x van':>6s}"
+    )
     for name, r in results.items():
         if "phases_ms_median" not in r:
             print(f"{name:16s} {r.get('status')}")
@@ -189,7 +266,8 @@ def main():
         ratio_m = r["peak_allocated_bytes"] / peak0 if peak0 else float("nan")
         print(
             f"{name:16s} {ph['step']:8.1f} {ph['forward']:7.1f} {ph['backward']:7.1f} {ph['optimizer']:6.1f} "
-            f"{ratio_t:6.3f} {r['peak_allocated_bytes'] / 2**30:9.2f} {ratio_m:6.3f}"
+            f"{ph['host_issue']:7.1f} {r['gpu_kernel_ms_total']:7.1f} {ratio_t:6.3f} "
+            f"{r['peak_allocated_bytes'] / 2**30:9.2f} {ratio_m:6.3f}"
         )
 
 
