@@ -6,6 +6,9 @@
 #   bash scripts/gpu_session.sh multi N   # N H200s (2 or 4): sharded update check, sharded sweep, 1-GPU comparison
 #   bash scripts/gpu_session.sh clipping  # 1 H200: max ||clipped contribution|| / C, every mode x precision (issue 15)
 #   bash scripts/gpu_session.sh clipping_cost  # 1 H200: the B=128 fp32/bf16 sweep with margins off, then on
+#   bash scripts/gpu_session.sh grid PRECISION [COMPILES]  # 1 H200 (issue 13): vanilla and the four single-process
+#                                         # DP modes at B = 8, 32, 128, for each compile setting (default: off,default),
+#                                         # into results/h200_xl2_compile; a rerun resumes where a call stopped
 #
 # On the device box: installs the carried wheels (.whl/) into /tmp/site when opacus is missing, records the commit
 # (set MEMORY_TEST_GIT_SHA in the command: the box's copy has no .git), bounds each part with `timeout` so that a
@@ -15,9 +18,11 @@ cd "$(dirname "$0")/.."
 
 PHASE="${1:-}"
 N="${2:-2}"
+if [[ "$PHASE" == grid ]]; then set -- "$1" "${2:-}" "${3:-off,default}"; fi
 usage() { sed -n '2,12p' "$0"; exit 2; }
-[[ "$PHASE" =~ ^(single|multi|clipping|clipping_cost)$ ]] || usage
-[[ "$PHASE" == single || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
+[[ "$PHASE" =~ ^(single|multi|clipping|clipping_cost|grid)$ ]] || usage
+[[ "$PHASE" != multi || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
+[[ "$PHASE" != grid || "$N" =~ ^(fp32|bf16)$ ]] || { echo "usage: $0 grid fp32|bf16 [off,default]" >&2; exit 2; }
 PY="${PYTHON:-python3}"
 OUT="${OUT:-/tmp/gpu_session_out}"
 mkdir -p "$OUT"
@@ -87,6 +92,19 @@ case "$PHASE" in
         done
         "$PY" scripts/compare_ratio_sweeps.py --before results/h200_xl2_margins_off \
             --after results/h200_xl2_margins_on --markdown results/h200_xl2_margins_on/ratio_rise.md
+        ;;
+    grid)
+        # Eager first (short runs), then each compiled setting; --num-iter 10 (the issue's medians of >= 10 steps).
+        # The Inductor/Triton caches start cold on a fresh machine: each compile_ms is that of a cold process unless
+        # the same graph compiled earlier in the call (block graphs are shared by bookkeeping/flash_clip_bk and by
+        # ghost/flash_clip at one batch size and precision). GRID_SECONDS bounds each setting's sweep (default 540):
+        # keep the whole call under the device's per-call limit, so that the tar below still runs.
+        TOUCHED=(results/h200_xl2_compile)
+        for setting in ${3//,/ }; do
+            part "${GRID_SECONDS:-540}" "grid_${N}_$setting" bash $S --model DiT-XL/2 --device cuda --num-iter 10 --warmup-iter 2 \
+                --no-plots --output-dir results/h200_xl2_compile --compile "$setting" --precisions "$N" \
+                --experiments vanilla,flash_clip_bk,bookkeeping,ghost,flash_clip --batch-sizes 8,32,128
+        done
         ;;
     *) usage ;;
 esac
