@@ -10,6 +10,7 @@ import pandas as pd
 
 from memory_test.cli_common.errors import debug_enabled
 from memory_test.cli_common.files import atomic_write_text
+from memory_test.diffusion_profile.plots import compile_compare as cc
 from memory_test.diffusion_profile.plots import noise_multiplicity as nm
 from memory_test.diffusion_profile.plots import scaling, summary
 from memory_test.diffusion_profile.plots.batch_curves import plot_peak_vs_batch, plot_time_vs_batch, plot_tradeoff
@@ -34,7 +35,7 @@ SETTING_CHARTS = (
     ("memory_time_tradeoff", plot_tradeoff),
     ("ratio_to_vanilla", plot_ratio),
 )
-CHART_KINDS = (*(name for name, _ in SETTING_CHARTS), "max_batch", "noise_multiplicity", "scaling")
+CHART_KINDS = (*(name for name, _ in SETTING_CHARTS), "max_batch", "noise_multiplicity", "scaling", "compile")
 
 
 class Drawing:
@@ -133,4 +134,9 @@ def group_charts(drawing: Drawing, runs: pd.DataFrame) -> list[str]:
         chart = drawing.chart(scaling.plot_scaling, df, group, out)
         if chart is not None:
             sections.append(scaling.scaling_section(df, group, chart))
+    for group, df in cc.compile_groups(runs):
+        out = drawing.out_dir / f"compile__{group_slug(group, cc.GROUP_KEYS)}.png"
+        chart = drawing.chart(cc.plot_compile, df, group, out, cc.compile_colors(df))
+        if chart is not None:
+            sections.append(cc.compile_section(df, group, chart))
     return sections
