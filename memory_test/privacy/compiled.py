@@ -326,12 +326,24 @@ def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, prog
             f"{type(gsm).__name__} cannot be compiled yet: the sharded modes ({sharded}) run eagerly. Drop compile "
             f"for them, or compile a single-process mode ({single})"
         )
+    if uses_cuda_graphs(kwargs) and not gsm.keep_for_bookkeeping:
+        raise PrivacyConfigError(
+            "CUDA graphs (mode='reduce-overhead' or triton.cudagraphs) with a two-pass mode: its second backward "
+            "replays the recording graph, which CUDA graph trees do not support exactly. Use a book-keeping mode "
+            "(flash_clip_bk, bookkeeping) for CUDA graphs, or compile this mode with mode='default'"
+        )
     if type(gsm) is not cls:
         gsm.__class__ = cls  # as FSDP2's fully_shard does: same object, same state, the compiled subclass' methods
         gsm._init_compiled()
     compile_regions(gsm._module, *args, regional=regional, **kwargs)
     blocks = repeated_blocks(gsm._module)
     gsm._programs = PostPrograms.for_model(gsm._states, blocks, kwargs) if programs and not args else None
+
+
+def uses_cuda_graphs(compile_kwargs: dict) -> bool:
+    """Whether torch.compile arguments turn on Inductor's CUDA graphs."""
+    options = compile_kwargs.get("options") or {}
+    return compile_kwargs.get("mode") == "reduce-overhead" or bool(options.get("triton.cudagraphs"))
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:

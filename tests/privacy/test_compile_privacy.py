@@ -236,6 +236,14 @@ def test_sharded_modes_refuse_to_compile():
         compile_private(gsm)
 
 
+@pytest.mark.parametrize("mode", [m for m, spec in MODES.items() if spec.strategy == "two_pass"])
+@pytest.mark.parametrize("kwargs", [{"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}])
+def test_two_pass_modes_refuse_cuda_graphs(tiny_model, mode, kwargs):
+    dp_model, *_ = _private(tiny_model, mode, 1, 1.0)
+    with pytest.raises(PrivacyConfigError, match="two-pass mode"):
+        dp_model.compile(regional=True, **kwargs)
+
+
 def test_repeated_blocks_of_a_dit():
     blocks = repeated_blocks(TinyDiT(num_layers=3))
     assert len(blocks) == 3 and {type(b).__name__ for b in blocks} == {"BasicTransformerBlock"}
