@@ -3,14 +3,23 @@
 The rules regroup a layer's rows as ``(n, rows_per_sample, f)``. That is only right if the rows of sample i form
 one contiguous block of the batch dimension. Shapes cannot tell: a sequence-first layer ``(T, N, f)`` with T a
 multiple of N, or a batch-independent ``(T, f)`` input, divide just as well. So, before the first recorded
-forward, the model runs without gradient, in eval mode, on three rows of the real batch: once as given and once with
-those rows permuted by each of two permutations, a 3-cycle and a transposition. In every layer, the dimension that
-holds the samples permutes the same way; any other dimension does not. One permutation is not enough: a model that
-itself permutes the batch (``x.roll(1, 0)``) commutes with a cycle and would pass; the two permutations generate
-every permutation of three rows, so only a model that keeps each row in place passes both. A layer whose tensors
-permute along dimension 0 (or 1, for sequence-first layers whose rule allows it) gets that batch dimension; a layer
-that permutes along neither is refused. Eval mode keeps dropout and other randomness out of the comparison (it
-changes statistics, not which rows belong to which sample).
+forward, the model runs without gradient, in eval mode, on the whole batch: once as given and once with its rows
+permuted by each of two permutations, an R-cycle (every row moves) and a transposition of rows 0 and 1. In every
+layer, the dimension that holds the samples permutes the same way; any other dimension does not. One permutation is
+not enough: a model that itself permutes the batch (``x.roll(1, 0)``) commutes with a cycle and would pass; the two
+permutations generate every permutation of the R rows (whose centre is trivial for R >= 3), so only a model that
+keeps each row in place passes both, and a model that mixes rows (row i into row i + 3) changes under the
+transposition. A layer whose tensors permute along dimension 0 (or 1, for sequence-first layers whose rule allows
+it) gets that batch dimension; a layer that permutes along neither is refused. Eval mode keeps dropout and other
+randomness out of the comparison (it changes statistics, not which rows belong to which sample).
+
+Why the whole batch and not a few rows: a model may reorder or mix rows only beyond the rows probed, or only for
+batches of its size (``if x.shape[0] > 3``); the probe sees the batch the model is trained on, every row of it. Its
+cost is three no-grad forwards of that batch, once per model (about one training step). Two exceptions, both
+forced: rows whose inputs are NaN or infinite are left out (they would fail every comparison; the model then runs
+on the finite rows only), and a batch of two rows is probed as three, (a, b, a), since no permutation of two rows
+tells a model that swaps them from one that does not. What no permutation can tell: a mixing that treats every row
+alike (``x - x.mean(0)``, BatchNorm's batch statistics, refused by name elsewhere) commutes with every permutation.
 """
 
 from __future__ import annotations
@@ -20,10 +29,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .errors import LayoutError
 
-CHECK_ROWS = 3  # rows of the real batch used by the check (repeated when the batch has only two finite rows)
-# A 3-cycle and a transposition: together they generate S_3, whose centre is trivial, so a model permutation of
-# the rows that commutes with both is the identity.
-CHECK_PERMUTATIONS = ([1, 2, 0], [1, 0, 2])
+PROBE_FORWARDS = 3  # the batch as given and under each of the two permutations
+FINGERPRINT_CHUNK = 1 << 22  # float64 elements made at a time by a fingerprint (32 MiB), whatever the batch
+
+
+def probe_rows(finite: list[int]) -> list[int]:
+    """The rows the probe runs, in batch order: every finite row; two rows as (a, b, a) (see the module doc)."""
+    return [finite[0], finite[1], finite[0]] if len(finite) == 2 else list(finite)
+
+
+def check_permutations(m: int) -> tuple[list[int], list[int]]:
+    """An m-cycle and the transposition of rows 0 and 1 (row i of the permuted batch is row perm[i]): together
+    they generate every permutation of m rows, and for m >= 3 only the identity commutes with both."""
+    return [*range(1, m), 0], [1, 0, *range(2, m)]
 
 
 def batch_rows(args, kwargs) -> int:
@@ -49,16 +67,29 @@ def _finite_rows(args, kwargs, rows: int) -> list[int]:
 
 
 def _fingerprint(t: torch.Tensor, m: int) -> dict:
-    """{dim: (per-row weighted sums, per-row scale)} for each dim in (0, 1) that can hold the m check rows."""
+    """{dim: (per-row weighted sums, per-row scale, dtype)} for each dim in (0, 1) that can hold the m probe rows."""
     out = {}
     for dim in (0, 1):
         if t.dim() <= dim or t.shape[dim] % m or t.numel() == 0:
             continue
-        rows = t.detach().movedim(dim, 0).reshape(m, -1).to(torch.float64)
-        gen = torch.Generator(device=rows.device).manual_seed(rows.shape[1])
-        w = torch.rand(rows.shape[1], generator=gen, device=rows.device, dtype=torch.float64) + 0.5
-        out[dim] = (rows @ w, rows.abs() @ w, t.dtype)
+        out[dim] = (*_weighted_sums(t.detach().movedim(dim, 0).reshape(m, -1)), t.dtype)
     return out
+
+
+def _weighted_sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows @ w, |rows| @ w) in float64 for fixed random weights w in [0.5, 1.5) seeded by the row length, converted
+    FINGERPRINT_CHUNK elements at a time: a float64 copy of a whole layer's activations would not be small."""
+    m, width = rows.shape
+    gen = torch.Generator(device=rows.device).manual_seed(width)
+    w = torch.rand(width, generator=gen, device=rows.device, dtype=torch.float64) + 0.5
+    sums = torch.zeros(m, dtype=torch.float64, device=rows.device)
+    scale = torch.zeros_like(sums)
+    step = max(1, FINGERPRINT_CHUNK // m)
+    for lo in range(0, width, step):
+        part = rows[:, lo : lo + step].to(torch.float64)
+        sums += part @ w[lo : lo + step]
+        scale += part.abs() @ w[lo : lo + step]
+    return sums, scale
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -90,21 +121,17 @@ class LayoutCheck:
             if always_forward:
                 self._probe(gsm, args, kwargs, rows, finite)
             return
-        m = CHECK_ROWS
-        if len(finite) >= m:
-            spread = torch.linspace(0, len(finite) - 1, m).round().long().tolist()  # first, middle, last finite rows
-            pick = [finite[i] for i in spread]
-        else:  # two finite rows: (a, b, a) still tells every row permutation of the model from the identity
-            pick = [finite[i % len(finite)] for i in range(m)]
+        pick = probe_rows(finite)
+        m = len(pick)
         ref = self._forward(gsm, args, kwargs, rows, pick, m)
-        gots = [(p, self._forward(gsm, args, kwargs, rows, [pick[i] for i in p], m)) for p in CHECK_PERMUTATIONS]
+        gots = [(p, self._forward(gsm, args, kwargs, rows, [pick[i] for i in p], m)) for p in check_permutations(m)]
         for state in self.states:
             state.batch_dim = self._batch_dim(state, ref.get(state), [(perm, got.get(state)) for perm, got in gots])
         self.pending = False
 
     def _probe(self, gsm, args, kwargs, rows, pick) -> None:
         """The forwards of a check whose result is not used (keeps sharded ranks in step)."""
-        for _ in range(1 + len(CHECK_PERMUTATIONS)):
+        for _ in range(PROBE_FORWARDS):
             self._forward(gsm, args, kwargs, rows, pick, max(1, len(pick)))
 
     def _forward(self, gsm, args, kwargs, rows, pick, m) -> dict:
@@ -122,9 +149,9 @@ class LayoutCheck:
                 gsm._module(*sub_args, **sub_kwargs)
         except Exception as exc:
             raise LayoutError(
-                f"the engine's layout check (the model run without gradient, in eval mode, on {m} rows of the batch: "
-                f"every tensor argument with {rows} rows sliced) failed with {type(exc).__name__}: {exc}. Pass "
-                "per-row inputs with the batch in dimension 0 and everything else without it."
+                f"the engine's layout check (the model run without gradient, in eval mode, on {m} rows of the batch, "
+                f"reordered: every tensor argument with {rows} rows indexed) failed with {type(exc).__name__}: "
+                f"{exc}. Pass per-row inputs with the batch in dimension 0 and everything else without it."
             ) from exc
         finally:
             for h in handles:
