@@ -51,6 +51,27 @@ def bookkeeping_backward(gsm, loss_per_sample: torch.Tensor) -> None:
     gsm.end_step()
 
 
+# torch's RuntimeError when a backward reaches nodes whose saved tensors an earlier backward freed.
+_TORCH_SECOND_BACKWARD = "backward through the graph a second time"
+_SPENT_LOSS = (
+    "backward() ran a second time on one DP loss: the first already added its samples' gradients and freed its "
+    "graph. Call loss.backward() once per loss (for gradient accumulation: one forward and one DP loss per batch)."
+)
+_STEP_REFUSED = " The next optimizer.step() is refused: call optimizer.zero_grad() and run the batch again."
+_SPENT_FORWARD = (
+    "the DP loss's backward reached a forward that an earlier backward already used (two DP losses computed from "
+    "one model output?), so the step is refused. Run a new forward for each DP loss; call optimizer.zero_grad() "
+    "and run the batch again."
+)
+
+
+def _engine_error(exc: BaseException) -> BaseException:
+    """The engine's own error for torch's second-backward RuntimeError; any other exception as it is."""
+    if isinstance(exc, RuntimeError) and _TORCH_SECOND_BACKWARD in str(exc):
+        return CriterionError(_SPENT_FORWARD)
+    return exc
+
+
 def _guarded(backward):
     """A DP backward that raised leaves no caches behind and makes the optimizer refuse the step."""
 
@@ -58,8 +79,11 @@ def _guarded(backward):
         try:
             backward(gsm, loss_per_sample)
         except BaseException as exc:
-            gsm.abandon_step(exc)
-            raise
+            error = _engine_error(exc)
+            gsm.abandon_step(error)
+            if error is exc:
+                raise
+            raise error from exc
 
     run.__doc__ = backward.__doc__
     return run
@@ -108,16 +132,23 @@ class DPLoss:
         return DPLossTensor(loss, self)
 
 
+class _Spent:
+    """Shared by a DP loss and every loss combined from it: whether a backward has run through them."""
+
+    done = False
+
+
 class DPLossTensor:
     """Per-sample losses; ``backward()`` runs the mode's clipping, reading as the reduced loss otherwise."""
 
-    def __init__(self, loss_per_sample: torch.Tensor, owner: DPLoss):
+    def __init__(self, loss_per_sample: torch.Tensor, owner: DPLoss, spent: tuple[_Spent, ...] | None = None):
         self.loss_per_sample = loss_per_sample
         self._owner = owner
+        self._spent = spent if spent is not None else (_Spent(),)
 
     def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None) -> None:
-        """The DP backward (norms, clipping; the engine decides what to retain). torch.Tensor.backward's arguments
-        would change what is differentiated or kept, which the clipping cannot follow: refused."""
+        """The DP backward (norms, clipping; the engine decides what to retain), once per loss. torch.Tensor.backward's
+        arguments would change what is differentiated or kept, which the clipping cannot follow: refused."""
         given = {"gradient": gradient, "retain_graph": retain_graph, "create_graph": create_graph, "inputs": inputs}
         used = [name for name, value in given.items() if value not in (None, False)]
         if used:
@@ -126,7 +157,21 @@ class DPLossTensor:
                 "backward(s) to clip each sample; call loss.backward() once per step, and compute any other "
                 "gradient from a separate forward."
             )
-        self._owner.backward_fn(self._owner.module, self.loss_per_sample)
+        module = self._owner.module
+        if any(s.done for s in self._spent):
+            self._refuse_second_backward(getattr(module, "step_health", None))
+        self._owner.backward_fn(module, self.loss_per_sample)
+        for s in self._spent:  # only a backward that ran through: one that raised is reported by its own error
+            s.done = True
+
+    @staticmethod
+    def _refuse_second_backward(health) -> None:
+        """Nothing runs; this package's modes also refuse the coming step (upstream hooks keep the first update)."""
+        if health is None:
+            raise CriterionError(_SPENT_LOSS)
+        error = CriterionError(_SPENT_LOSS + _STEP_REFUSED)
+        health.note_failure(error)
+        raise error
 
     def detach(self) -> torch.Tensor:
         reduce = torch.mean if self._owner.reduction == "mean" else torch.sum
@@ -149,8 +194,9 @@ class DPLossTensor:
         return f"DPLossTensor(reduction={self._owner.reduction!r}, per_sample_shape={tuple(self.shape)})"
 
     def _combine(self, other, op):
+        spent = self._spent + (other._spent if isinstance(other, DPLossTensor) else ())
         other = other.loss_per_sample if isinstance(other, DPLossTensor) else other
-        return DPLossTensor(op(self.loss_per_sample, other), self._owner)
+        return DPLossTensor(op(self.loss_per_sample, other), self._owner, spent)
 
     def __add__(self, other):
         return self._combine(other, operator.add)
