@@ -39,6 +39,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .compile_options import uses_cuda_graphs
 from .errors import PrivacyConfigError
 from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary, autocast_target
 from .layer_rules import Use
@@ -138,6 +139,7 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         self._armed = None  # the (signature, rows) whose sinks the layers hold
         self._taps: list[tuple] = []  # (state, use, sink) of the last forward
         self._programs: PostPrograms | None = None  # set by compile_private
+        self._cuda_graphs = False  # set by compile_private: the blocks replay as CUDA graphs (book-keeping only)
 
     # ----- forward -------------------------------------------------------------------------------------------
     @torch.compiler.disable  # torch.compile(dp_model) on top of dp_model.compile(): this part stays eager
@@ -151,6 +153,10 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         recording = rows > 0  # no sample, nothing to record (as with the eager taps, whose uses get no gradient)
         if recording:
             self._arm(signature, rows, plan)
+        if recording and plan is not None and self._cuda_graphs:
+            # A new step for CUDA graph trees: the last step's recorded tensors (its graphs' outputs, released at its
+            # end) may be overwritten from here on, and reading one raises instead of returning stale data.
+            torch.compiler.cudagraph_mark_step_begin()
         made = _sinks_made[0]
         # The first forward of a signature runs eagerly, parameters attached: the coverage walk sees every path.
         try:  # every compiled call from here runs under the same settings, recording or not
@@ -335,15 +341,10 @@ def compile_private(gsm: DPGradSampleModule, *args, regional: bool = False, prog
     if type(gsm) is not cls:
         gsm.__class__ = cls  # as FSDP2's fully_shard does: same object, same state, the compiled subclass' methods
         gsm._init_compiled()
+    gsm._cuda_graphs = uses_cuda_graphs(kwargs)
     compile_regions(gsm._module, *args, regional=regional, **kwargs)
     blocks = repeated_blocks(gsm._module)
     gsm._programs = PostPrograms.for_model(gsm._states, blocks, kwargs) if programs and not args else None
-
-
-def uses_cuda_graphs(compile_kwargs: dict) -> bool:
-    """Whether torch.compile arguments turn on Inductor's CUDA graphs."""
-    options = compile_kwargs.get("options") or {}
-    return compile_kwargs.get("mode") == "reduce-overhead" or bool(options.get("triton.cudagraphs"))
 
 
 def repeated_blocks(module: nn.Module) -> list[nn.Module]:

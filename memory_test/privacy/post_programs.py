@@ -34,6 +34,7 @@ from torch import nn
 
 from memory_test.kernels import flash_norms, norm_error
 
+from .compile_options import without_cuda_graphs
 from .conv_rule import ConvRule
 from .layer_rules import ClipCoefficients, EmbeddingRule, LinearLikeRule, Use
 from .norm_rules import GroupNormRule, LayerNormRule, RMSNormRule
@@ -183,10 +184,10 @@ class PostPrograms:
         self.regions = [Region(states) for states in regions if states]
         self.states = {id(s) for region in self.regions for s in region.states}
         kwargs = {k: v for k, v in compile_kwargs.items() if k != "fullgraph"}
-        if kwargs.get("mode") == "reduce-overhead":  # CUDA graphs would own p.grad's memory: see the module doc
-            kwargs.pop("mode")
+        # Under CUDA graphs the norms program replays too: its output is added to the step's norms at once. The
+        # clipped gradients become p.grad, which must outlive the graphs' next replay: that program runs without.
         self._sq_norms = torch.compile(region_sq_norms, fullgraph=True, **kwargs)
-        self._clipped_grads = torch.compile(region_clipped_grads, fullgraph=True, **kwargs)
+        self._clipped_grads = torch.compile(region_clipped_grads, fullgraph=True, **without_cuda_graphs(kwargs))
         self._notes: dict = {}  # recording key -> (ledger notes, norm paths)
         self.status = "compiled"  # or "eager: <why>" after a compile failure (see _run)
 

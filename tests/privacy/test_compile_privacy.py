@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from memory_test.privacy import MODES, PrivacyConfigError, PrivacyEngine
+from memory_test.privacy.compile_options import uses_cuda_graphs, without_cuda_graphs
 from memory_test.privacy.compiled import CompiledDPGradSampleModule, compile_private, repeated_blocks
 from memory_test.privacy.fsdp import FSDPDPGradSampleModule
 from memory_test.profiling.compile_stats import compile_stats
@@ -242,6 +243,34 @@ def test_two_pass_modes_refuse_cuda_graphs(tiny_model, mode, kwargs):
     dp_model, *_ = _private(tiny_model, mode, 1, 1.0)
     with pytest.raises(PrivacyConfigError, match="two-pass mode"):
         dp_model.compile(regional=True, **kwargs)
+
+
+def test_book_keeping_under_reduce_overhead_stays_exact(tiny_model, monkeypatch):
+    """On the CPU Inductor runs no CUDA graph (they need CUDA tensors), but the path is the one a GPU takes: every
+    recorded forward after the shape pass starts a new CUDA-graph step, the norms program is compiled with the
+    mode and the clipped-gradients program without it (its outputs become p.grad). One mode: Inductor's CPU
+    compile is the cost of this test, and bookkeeping differs from flash_clip_bk only in its norm backend."""
+    mode = "flash_clip_bk"
+    n, k = 4, 1
+    batch = make_batch(n, k=k)
+    bound = _clipping_bound(tiny_model, batch, n, k)
+    want, _ = reference_update(tiny_model, batch, n, k, bound, "mean")
+    steps_begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps_begun.append(1))
+    dp_model, _, crit = _private(tiny_model, mode, k, bound)
+    dp_model.compile(regional=True, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        assert rel_err(_step_update(dp_model, crit, batch, n), want) <= 1e-5
+    assert len(steps_begun) == 2  # not in the eager shape pass
+    assert dp_model.post_programs_status == "compiled"
+
+
+def test_compile_options_say_where_cuda_graphs_are_on():
+    assert uses_cuda_graphs({"mode": "reduce-overhead"}) and uses_cuda_graphs({"options": {"triton.cudagraphs": 1}})
+    assert not uses_cuda_graphs({"mode": "max-autotune"}) and not uses_cuda_graphs({})
+    off = without_cuda_graphs({"mode": "reduce-overhead", "options": {"triton.cudagraphs": True, "x": 1}})
+    assert off == {"options": {"triton.cudagraphs": False, "x": 1}} and not uses_cuda_graphs(off)
+    assert without_cuda_graphs({"mode": "max-autotune"}) == {"mode": "max-autotune"}
 
 
 def test_repeated_blocks_of_a_dit():
