@@ -14,11 +14,15 @@ def _plan(argv, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err.strip()
 
 
-def _recorded_without_run(out_dir, *flags) -> None:
+def _sweep_argv(out_dir, *flags, batch="2") -> list[str]:
+    """single_experiment's command line for one configuration of the SMALL sweep, as the sweep makes it."""
+    config = plan.validated("vanilla", "fp32", batch, ["--num-iter", "2", "--warmup-iter", "1", *flags], out_dir)
+    return plan.F.to_argv(config.replace(output=str(out_dir / plan.record_name(config, batch))))
+
+
+def _recorded_without_run(out_dir, *flags, batch="2") -> None:
     """A finished ("skipped") record of the SMALL configuration, as the sweep writes one, made with ``flags``."""
-    config = plan.validated("vanilla", "fp32", "2", ["--num-iter", "2", "--warmup-iter", "1", *flags], out_dir)
-    output = out_dir / plan.record_name(config, "2")
-    argv = plan.F.to_argv(config.replace(output=str(output)))
+    argv = _sweep_argv(out_dir, *flags, batch=batch)
     assert cli.run([*argv, "--record-only", "skipped", "--record-message", "test"], "") == 0
 
 
@@ -53,3 +57,27 @@ def test_output_dir_empty_or_under_a_file_is_refused(tmp_path, capsys):
     code, _, err = _plan(["--output-dir", str(tmp_path / "afile" / "sub"), *SMALL], capsys)
     assert code == EXIT_BAD_INPUT and f"{tmp_path / 'afile'} is a file, not a folder" in err
     assert "sweep_flag_check" not in err  # names the folder given, not a file the user never named
+
+
+MAX_ONLY = [*SMALL, "--max-batch-only"]
+
+
+def test_a_kept_max_batch_record_searched_with_other_settings_is_refused(tmp_path, capsys):
+    _recorded_without_run(tmp_path, "--max-batch-limit", "8", "--probe-num-iter", "3", batch="max")
+    base = ["--output-dir", str(tmp_path), *MAX_ONLY, "--emit-bash"]
+    code, out, err = _plan([*base, "--max-batch-limit", "16", "--max-batch-resolution", "2"], capsys)
+    assert code == EXIT_BAD_INPUT and out == ""
+    changed = "--max-batch-limit 8 (this sweep: 16), --max-batch-resolution 1 (this sweep: 2), --probe-num-iter 3"
+    assert f"was measured with {changed} (this sweep: 2);" in err, err
+    code, out, err = _plan([*base, "--max-batch-limit", "8", "--probe-num-iter", "3"], capsys)
+    assert code == 0 and "TOTAL=1" in out, err
+
+
+def test_a_finished_search_resumes_under_its_own_flags(tmp_path, capsys):
+    # An ok search's record holds its probe counts as num_iter/warmup_iter: a rerun must not read them as changed.
+    search = ["--max-batch-limit", "1", "--probe-num-iter", "1", "--probe-warmup-iter", "0"]
+    assert cli.run(_sweep_argv(tmp_path, *search, batch="max"), "") == 0  # one probe, at the limit
+    code, out, err = _plan(["--output-dir", str(tmp_path), *MAX_ONLY, *search, "--emit-bash"], capsys)
+    assert code == 0 and "TOTAL=1" in out, err
+    code, _, err = _plan(["--output-dir", str(tmp_path), *MAX_ONLY, *search, "--probe-warmup-iter", "1"], capsys)
+    assert code == EXIT_BAD_INPUT and "--probe-warmup-iter 0 (this sweep: 1)" in err, err

@@ -210,7 +210,8 @@ def check_values(args: argparse.Namespace) -> list[str]:
     return [why for flag in FLAGS if (why := rule_problem(flag, getattr(args, flag.dest, None)))]
 
 
-def _field_value(config: RunConfig, path: str) -> Any:
+def field_value(config: RunConfig, path: str) -> Any:
+    """The value at a flag's ``field`` ("find_max_batch.limit": inside the search block); None where there is none."""
     value: Any = config
     for part in path.split("."):
         value = getattr(value, part, None)
@@ -230,7 +231,7 @@ def to_argv(config: RunConfig, skip: Sequence[str] = ()) -> list[str]:
     for flag in FLAGS:
         if flag.field is None or flag.name in skip or flag.name == "--max-batch-bracket":
             continue
-        value = _field_value(config, flag.field)
+        value = field_value(config, flag.field)
         if flag.type is None and flag.negative is None:
             argv += [flag.name] if value else []
         elif flag.type is None:

@@ -239,11 +239,24 @@ def validated(name: str, precision: str, batch: str, common: list[str], out_dir:
 # The settings a record's name does not hold (it holds experiment, model, size, batch, precision, K, attention,
 # processes, compile): a finished record kept on a rerun must have been measured with the same ones.
 UNNAMED_SETTINGS = tuple(f for f in F.FLAGS if f.field and "." not in f.field and f.sweep == "pass")
+# A max-batch search probes with the probe counts, never --num-iter/--warmup-iter (an ok search's record holds the
+# probe counts in their place), and how it searched decides its answer. Not the probe timeout: a probe that runs out
+# of time fails the search, and error records are rerun anyway.
+SEARCH_SETTINGS = tuple(
+    f
+    for f in F.FLAGS
+    if (f.field or "").startswith("find_max_batch.") and f.sweep == "pass" and f.name != "--probe-timeout"
+)
+MAX_BATCH_SETTINGS = (
+    *(f for f in UNNAMED_SETTINGS if f.name not in ("--num-iter", "--warmup-iter")),
+    *SEARCH_SETTINGS,
+)
 
 
 def refuse_kept_record_of_other_settings(c: Configuration) -> None:
-    """A rerun keeps finished records by name: one measured under other flags (--optimizer, --num-iter, σ...)
-    would be reported as this sweep's result. Refused before anything runs; error records are rerun anyway."""
+    """A rerun keeps finished records by name: one measured under other flags (--optimizer, --num-iter, σ, a
+    max-batch search's limit...) would be reported as this sweep's result. Refused before anything runs; error
+    records are rerun anyway."""
     from memory_test.diffusion_profile.suite.resume import FINISHED
     from memory_test.records.io import load_record
 
@@ -252,17 +265,24 @@ def refuse_kept_record_of_other_settings(c: Configuration) -> None:
     rec, _ = load_record(c.output)
     if rec is None or rec.status not in FINISHED:
         return
-    changed = [
-        f"{flag.name} {old} (this sweep: {new})"
-        for flag in UNNAMED_SETTINGS
-        if (old := getattr(rec.config, flag.field, None)) is not None and old != (new := getattr(c.config, flag.field))
-    ]
+    changed = changed_settings(rec.config, c.config)
     if changed:
         raise ToolError(
             f"{c.output} was measured with {', '.join(changed)}; a rerun keeps finished records, so it would be "
             "reported as this sweep's",
             "rerun with the flags it was measured with to resume, or choose another --output-dir",
         )
+
+
+def changed_settings(kept: RunConfig, planned: RunConfig) -> list[str]:
+    """Each setting the kept record was measured under otherwise, as "--flag <kept> (this sweep: <planned>)"; a
+    setting the record does not hold is not compared (a search's start, when it bisected a bracket)."""
+    settings = MAX_BATCH_SETTINGS if planned.find_max_batch is not None else UNNAMED_SETTINGS
+    return [
+        f"{flag.name} {old} (this sweep: {new})"
+        for flag in settings
+        if (old := F.field_value(kept, flag.field)) is not None and old != (new := F.field_value(planned, flag.field))
+    ]
 
 
 def record_name(config: RunConfig, batch: str) -> str:
