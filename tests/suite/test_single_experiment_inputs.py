@@ -61,3 +61,13 @@ def test_memory_snapshot_on_the_output_file_is_refused(tmp_path, capsys):
     argv = ["--experiment", "vanilla", "--output", str(out), "--memory-snapshot", str(tmp_path / "." / "r.json")]
     assert se.main([*argv, *TINY]) == exit_codes.EXIT_USAGE
     assert "--memory-snapshot is the --output file" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_search_start_with_a_bracket_is_refused_not_ignored(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--experiment", "vanilla", "--output", str(out), *TINY, "--find-max-batch", "--max-batch-start", "4"]
+    assert se.main([*argv, "--max-batch-bracket", "2,8"]) == exit_codes.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("single_experiment.py: error: --max-batch-start with ")
+    assert "--max-batch-bracket" in err and " — leave out --max-batch-start" in err
+    assert not out.exists()

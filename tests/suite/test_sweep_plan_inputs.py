@@ -81,3 +81,12 @@ def test_a_finished_search_resumes_under_its_own_flags(tmp_path, capsys):
     assert code == 0 and "TOTAL=1" in out, err
     code, _, err = _plan(["--output-dir", str(tmp_path), *MAX_ONLY, *search, "--probe-warmup-iter", "1"], capsys)
     assert code == EXIT_BAD_INPUT and "--probe-warmup-iter 0 (this sweep: 1)" in err, err
+
+
+def test_a_search_start_with_the_sweeps_bracketing_is_refused_not_ignored(tmp_path, capsys):
+    base = ["--output-dir", str(tmp_path), *SMALL, "--find-max-batch", "--max-batch-start", "4", "--emit-bash"]
+    code, out, err = _plan(base, capsys)
+    assert code == EXIT_BAD_INPUT and out == "" and len(err.splitlines()) == 1
+    assert "--max-batch-start with the sweep's bracketing" in err and "add --no-max-batch-bracket" in err
+    code, out, err = _plan([*base, "--no-max-batch-bracket"], capsys)
+    assert code == 0 and "USE_BRACKET=0" in out and "--max-batch-start 4" in out, err

@@ -139,7 +139,8 @@ FLAGS: tuple[Flag, ...] = (
     # max batch search
     Flag("--find-max-batch", "max batch search", "largest batch that fits (doubling, then bisection)",
          field="find_max_batch", sweep="own"),
-    Flag("--max-batch-start", "max batch search", "first probe (default: --batch-size)", int, rule=POSITIVE_INT,
+    Flag("--max-batch-start", "max batch search", "first probe (default: --batch-size); not with "
+         "--max-batch-bracket, which only bisects", int, rule=POSITIVE_INT,
          field="find_max_batch.start"),
     Flag("--max-batch-limit", "max batch search", "stop there (default 65536 GPU, 64 CPU)", int, rule=POSITIVE_INT,
          field="find_max_batch.limit"),

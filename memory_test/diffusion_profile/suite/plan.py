@@ -111,6 +111,7 @@ def on_gpu(device: str | None) -> bool:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     out_dir = output_folder(args.output_dir)
+    refuse_start_with_bracketing(args)
     gpu = on_gpu(args.device)
     batches = sorted(set(F.split_list(F.BY_NAME["--batch-size"], args.batch_size, int)))
     batches = batches or list(GPU_BATCH_SIZES if gpu else CPU_BATCH_SIZES)
@@ -142,6 +143,18 @@ def output_folder(text: str) -> Path:
     if why:
         raise ToolError(f"--output-dir {out_dir}: {why}", "choose a folder you can write")
     return out_dir
+
+
+def refuse_start_with_bracketing(args: argparse.Namespace) -> None:
+    """The sweep brackets a search by its grid records unless told not to: a --max-batch-start would then go unused
+    (single_experiment refuses a start with a bracket; the sweep adds the bracket only when it runs the search)."""
+    searching = args.find_max_batch or args.max_batch_only
+    if searching and args.max_batch_start is not None and args.max_batch_bracket:
+        raise ToolError(
+            "--max-batch-start with the sweep's bracketing (on by default): a search whose grid records hold a batch "
+            "that ran and a larger one that ran out of memory bisects between them and never uses the start",
+            "add --no-max-batch-bracket to always double from --max-batch-start, or leave --max-batch-start out",
+        )
 
 
 def passed_on(args: argparse.Namespace, gpu: bool) -> list[str]:

@@ -38,6 +38,7 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, object, list[str]]:
     if problems:
         raise UsageError(problems[0])
     bracket = parse_bracket(args.max_batch_bracket)
+    check_search_start(args)
     delta = args.delta if args.delta is not None else 1.0 / args.dataset_size
     check_batch_fits_dataset(args)
     exp = resolve_experiment(args.experiment)
@@ -146,6 +147,16 @@ def parse_bracket(text: str | None) -> tuple[int, int] | None:
     if not 0 < ok < oom:
         raise UsageError(f"--max-batch-bracket needs 0 < OK < OOM, got {text!r}")
     return ok, oom
+
+
+def check_search_start(args: argparse.Namespace) -> None:
+    """A bracketed search only bisects: a start given with it would go unused."""
+    if args.max_batch_start is not None and args.max_batch_bracket is not None:
+        raise UsageError(
+            "--max-batch-start with --max-batch-bracket: a bracketed search bisects between OK and OOM and never "
+            "doubles from a start",
+            "leave out --max-batch-start, or --max-batch-bracket to double from the start",
+        )
 
 
 def build_config(args, exp, model: str, dit: dict, requested, device, delta: float, bracket) -> RunConfig:
