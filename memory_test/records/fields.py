@@ -1,20 +1,24 @@
 """Typed JSON objects: each block is a dataclass whose fields say what JSON type they hold.
 
 Reading checks every known field and names the first bad one (``timing.median_ms is 'fast' (str), expected a
-number``); keys a block does not know are kept in ``extra`` and written back, so a record read and written again is
-unchanged. Fields marked ``omit_none`` are left out of the JSON when they are None (keys that only some records
-have, e.g. ``distributed``); every other field is always written, null or not.
+number``), its value too where a rule says what a run can produce (``timing.median_ms is nan (float), expected a
+finite number``); keys a block does not know are kept in ``extra`` and written back, so a record read and written
+again is unchanged. Fields marked ``omit_none`` are left out of the JSON when they are None (keys that only some
+records have, e.g. ``distributed``); every other field is always written, null or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 
 class FieldError(ValueError):
-    """A field of a record is missing or holds the wrong JSON type; the message names the field."""
+    """A field of a record is missing, holds the wrong JSON type or a value no run can produce; the message names
+    the field."""
 
 
 class Kind:
@@ -33,12 +37,35 @@ class Kind:
         return value
 
 
-NUMBER = Kind((int, float), "a number")
+class Checked(Kind):
+    """A value of ``kind`` that must also be ``what`` (``holds``): a well-typed value no run can produce (a NaN
+    time, a negative batch, a compile mode that does not exist) is refused like a wrongly typed one."""
+
+    def __init__(self, kind: Kind, what: str, holds: Callable[[Any], bool]):
+        super().__init__(kind.types, kind.name)
+        self.kind, self.what, self.holds = kind, what, holds
+
+    def check(self, value: Any, where: str) -> Any:
+        self.kind.check(value, where)
+        if not self.holds(value):
+            raise _wrong(value, where, self.what)
+        return value
+
+
+def one_of(values: tuple[str, ...]) -> Kind:
+    """A string that is one of ``values``."""
+    return Checked(STR, "one of " + ", ".join(values), lambda v: v in values)
+
+
 INT = Kind((int,), "an integer")
 STR = Kind((str,), "a string")
 BOOL = Kind((bool,), "true/false")
 OBJECT = Kind((dict,), "an object")
 LIST = Kind((list,), "a list")
+# JSON has no NaN or infinity (writers store null and say why beside it): a record holding one was not written here
+NUMBER = Checked(Kind((int, float), "a number"), "a finite number", math.isfinite)
+NON_NEGATIVE = Checked(NUMBER, "a finite number >= 0", lambda v: v >= 0)
+POSITIVE_INT = Checked(INT, "a positive integer", lambda v: v > 0)
 
 
 class ListOf(Kind):

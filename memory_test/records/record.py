@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from memory_test.records.fields import (
     BOOL,
     INT,
+    NON_NEGATIVE,
     NUMBER,
     OBJECT,
+    POSITIVE_INT,
     STR,
     Block,
     ListOf,
     MapOf,
     Nested,
     extra_keys,
+    one_of,
     spec,
 )
 
@@ -29,6 +32,7 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "oom", "error", "skipped")
 RECORD_TYPES = ("run", "max_batch")
+COMPILE_SETTINGS = ("off", "default", "max-autotune", "reduce-overhead")  # config.compile: single_experiment --compile
 REMAINDER = "activations_and_other"  # the derived part of a memory breakdown
 # Step times whose 80th percentile exceeds the 20th by more than this are too spread for a ratio to mean much.
 NOISY_SPREAD = 1.2
@@ -60,14 +64,14 @@ class RunConfig(Block):
     mode: dict | None = spec(OBJECT)  # engine modes: norm, strategy, sharding (absent in early v1 records)
     private: bool | None = spec(BOOL)
     model: str = spec(STR, required=True)
-    image_size: int = spec(INT, required=True)
+    image_size: int = spec(POSITIVE_INT, required=True)
     patch_size: int | None = spec(INT)
     in_channels: int | None = spec(INT)
     num_classes: int | None = spec(INT)
     latent_shape: list | None = spec(ListOf(INT))
-    batch_size: int = spec(INT, required=True)
-    noise_multiplicity: int = spec(INT, default=1)
-    rows_per_step: int | None = spec(INT)
+    batch_size: int = spec(POSITIVE_INT, required=True)
+    noise_multiplicity: int = spec(POSITIVE_INT, default=1)
+    rows_per_step: int | None = spec(POSITIVE_INT)
     num_iter: int | None = spec(INT)
     warmup_iter: int | None = spec(INT)
     precision: str = spec(STR, required=True)
@@ -87,12 +91,13 @@ class RunConfig(Block):
     poisson_sampling: bool | None = spec(BOOL)
     data: str | None = spec(STR)
     class_dropout_prob: float | None = spec(NUMBER)
-    nproc_per_node: int = spec(INT, default=1)
-    world_size: int = spec(INT, default=1)
-    global_batch_size: int | None = spec(INT)
+    nproc_per_node: int = spec(POSITIVE_INT, default=1)
+    world_size: int = spec(POSITIVE_INT, default=1)
+    global_batch_size: int | None = spec(POSITIVE_INT)
     fsdp2: bool | None = spec(BOOL)
     memory_snapshot: str | None = spec(STR)
-    compile: str = spec(STR, default="off")  # torch.compile mode of the model (off: eager); absent before: off
+    # torch.compile mode of the model (off: eager); absent before: off
+    compile: str = spec(one_of(COMPILE_SETTINGS), default="off")
     output: str | None = spec(STR)
     find_max_batch: MaxBatchSearch | None = spec(Nested(MaxBatchSearch), omit_none=True)
     extra: dict = extra_keys()
@@ -128,21 +133,21 @@ class ModelFacts(Block):
 class Timing(Block):
     """Per-step times of the measured steps (ms) and their statistics."""
 
-    step_times_ms: list = spec(ListOf(NUMBER), default=[])
-    median_ms: float | None = spec(NUMBER)
-    p20_ms: float | None = spec(NUMBER)
-    p80_ms: float | None = spec(NUMBER)
-    mean_ms: float | None = spec(NUMBER)
-    min_ms: float | None = spec(NUMBER)
-    max_ms: float | None = spec(NUMBER)
-    samples_per_s: float | None = spec(NUMBER)
-    rows_per_s: float | None = spec(NUMBER)
+    step_times_ms: list = spec(ListOf(NON_NEGATIVE), default=[])
+    median_ms: float | None = spec(NON_NEGATIVE)
+    p20_ms: float | None = spec(NON_NEGATIVE)
+    p80_ms: float | None = spec(NON_NEGATIVE)
+    mean_ms: float | None = spec(NON_NEGATIVE)
+    min_ms: float | None = spec(NON_NEGATIVE)
+    max_ms: float | None = spec(NON_NEGATIVE)
+    samples_per_s: float | None = spec(NON_NEGATIVE)
+    rows_per_s: float | None = spec(NON_NEGATIVE)
     method: str | None = spec(STR)  # cuda_events | perf_counter
     warmup_steps: int | None = spec(INT)
     measured_steps: int | None = spec(INT)
-    measured_wall_ms: float | None = spec(NUMBER)
+    measured_wall_ms: float | None = spec(NON_NEGATIVE)
     step_time_reduction: str | None = spec(STR, omit_none=True)  # runs over N > 1 processes
-    rank0_step_times_ms: list | None = spec(ListOf(NUMBER), omit_none=True)
+    rank0_step_times_ms: list | None = spec(ListOf(NON_NEGATIVE), omit_none=True)
     extra: dict = extra_keys()
 
     @property
@@ -297,7 +302,7 @@ class SnapshotInfo(Block):
 class Probe(Block):
     """One probe of a max-batch search (a fresh process)."""
 
-    batch_size: int = spec(INT, required=True)
+    batch_size: int = spec(POSITIVE_INT, required=True)
     status: str | None = spec(STR)
     exit_code: int | None = spec(INT)
     wall_s: float | None = spec(NUMBER)

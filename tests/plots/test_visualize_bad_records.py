@@ -24,6 +24,16 @@ BROKEN = {  # file -> (record, the field its warning must name)
     ),
     "env_text.json": (_variant("vanilla_bs8.json", 16, lambda r: r.update(env="an H200")), "env is 'an H200'"),
     "no_model.json": (_variant("vanilla_bs32.json", 64, lambda r: r["config"].pop("model")), "config.model is missing"),
+    # well typed, but values no run can have
+    "turbo.json": (
+        _variant("ghost_bs32.json", 128, lambda r: r["config"].update(compile="turbo")),
+        "config.compile is 'turbo' (str), expected one of off, default, max-autotune, reduce-overhead",
+    ),
+    "negative.json": (_variant("vanilla_bs8.json", -8, lambda r: None), "config.batch_size is -8"),
+    "nan.json": (
+        _variant("ghost_bs8.json", 24, lambda r: r["timing"].update(median_ms=float("nan"))),
+        "timing.median_ms is nan (float), expected a finite number",
+    ),
 }
 
 
@@ -42,6 +52,7 @@ def test_wrongly_typed_records_are_skipped_by_name_and_the_rest_drawn(tmp_path, 
     assert "nan" not in summary.lower().split("## skipped files")[0]  # no record drawn with a missing model
     assert "| ghost | 8 | ok |" in summary and "| vanilla | 32 | ok |" in summary  # the good records are drawn
     assert "| ghost | 16 |" not in summary and "| vanilla | 64 |" not in summary
+    assert "| ghost | 128 |" not in summary and "| vanilla | -8 |" not in summary and "| ghost | 24 |" not in summary
     charts = list((tmp_path / "plots").glob("peak_memory_vs_batch__*.png"))
     assert len(charts) == 1 and charts[0].stat().st_size > 5000
 

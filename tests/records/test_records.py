@@ -4,6 +4,7 @@ derived once), a record written by this version reads back unchanged, and a bad 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -66,7 +67,14 @@ def test_a_wrongly_typed_or_missing_field_is_named():
         (("timing", "step_times_ms"), [1.0, "x"], "timing.step_times_ms[1] is 'x'"),
         (("config", "use_flash_attention"), 1, "config.use_flash_attention is 1 (int), expected true/false"),
         (("config", "model"), None, "config.model is missing"),
-    ]
+        # well typed, but no run produces it
+        (("timing", "step_times_ms"), [1.0, -2.0], "timing.step_times_ms[1] is -2.0 (float), expected a finite "
+         "number >= 0"),
+        (("memory", "breakdown", "parts_bytes", "weights"), math.inf, "memory.breakdown.parts_bytes.weights is inf "
+         "(float), expected a finite number"),
+        (("config", "noise_multiplicity"), 0, "config.noise_multiplicity is 0 (int), expected a positive integer"),
+        (("config", "compile"), "fast", "config.compile is 'fast' (str), expected one of off, default, max-autotune"),
+    ]  # fmt: skip
     for path, value, message in cases:
         broken = json.loads(json.dumps(rec))
         parent = broken

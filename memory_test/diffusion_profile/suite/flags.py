@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from memory_test.cli_common.errors import ToolArgumentParser
-from memory_test.records.record import RunConfig
+from memory_test.records.record import COMPILE_SETTINGS, RunConfig
 
 TOOL = "single_experiment.py"
 IMAGENET_TRAIN_SIZE = 1_281_167
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZER_NAMES = ("adamw", "adam", "sgd")
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+COMPILE_MODES = COMPILE_SETTINGS  # the record refuses any other
 ACCOUNTANTS = ("prv", "rdp")
 RECORD_ONLY = ("skipped", "error")
 
