@@ -76,15 +76,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_classes is not None and args.num_classes < 1:
         raise ToolError(f"--num-classes must be >= 1, got {args.num_classes}", f"see `{TOOL} --help`")
     try:
-        from memory_test.privacy import resolve_mode
+        from memory_test.privacy import MODES
     except ImportError:  # without the engine only forward uses are listed: any mode name will do
         return
-    if args.mode == "hooks":
-        raise ToolError("--mode hooks is upstream Opacus: it has no norm paths", "pick one of the engine's modes")
-    try:
-        resolve_mode(args.mode)
-    except ValueError as e:
-        raise ToolError(f"--mode {args.mode!r}: {e}", "pick one of the engine's modes listed") from None
+    # the engine's own modes only: upstream hooks, which the engine also accepts, has no norm paths to show
+    accepted = sorted(name for mode in MODES.values() for name in (mode.name, *mode.aliases))
+    if args.mode not in accepted:
+        why = "is upstream Opacus: it has no norm paths" if args.mode == "hooks" else "is not a mode of the engine"
+        raise ToolError(f"--mode {args.mode!r} {why}", f"pick one of {', '.join(accepted)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +114,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="DiT-XL/2", help="DiT preset, e.g. DiT-XL/2, DiT-B/2, DiT-tiny")
     ap.add_argument("--image-size", type=int, default=None, help="default: the model's")
     ap.add_argument("--num-classes", type=int, default=None)
-    ap.add_argument("--mode", default="bookkeeping", help="DP mode whose norm paths are shown")
+    ap.add_argument("--mode", default="bookkeeping", help="the engine's DP mode whose norm paths are shown")
     ap.add_argument("--batch-size", type=int, default=2, help="rows of the example forward")
     ap.add_argument("--all", action="store_true", help="list every layer (default: block 0, one other block, head)")
     return ap.parse_args(argv)

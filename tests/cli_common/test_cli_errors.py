@@ -106,3 +106,11 @@ def test_flags_are_never_abbreviated(tmp_path, capsys):
     assert stop.value.code == errors.EXIT_BAD_INPUT
     assert "unrecognized arguments: --output" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_inspect_lists_only_the_modes_it_accepts(capsys):
+    assert inspect_dit_model.main(["--model", "DiT-tiny", "--mode", "foo"]) == errors.EXIT_BAD_INPUT
+    listed = capsys.readouterr().err.strip().split(" — pick one of ", 1)[-1].split(", ")
+    assert "bookkeeping" in listed and "hooks" not in listed, listed
+    for mode in listed:  # every mode it names passes its own check (no model is built here)
+        inspect_dit_model.check_args(inspect_dit_model._parse(["--mode", mode]))
