@@ -39,6 +39,17 @@ def check_dataset(dataset: LatentDataset, delta: float) -> None:
         )
 
 
+def check_batch_fits(dataset: LatentDataset, batch_size: int) -> None:
+    """The expected batch is q·N with q = 1/ceil(N/B) <= 1: a --batch-size above N cannot be drawn (q would be 1
+    and Opacus' accountant warns about it)."""
+    if batch_size > len(dataset):
+        raise ToolError(
+            f"--batch-size {batch_size} exceeds the {len(dataset)} samples of {dataset.path}: Poisson sampling "
+            f"draws each sample at most once a step, so the expected batch is at most {len(dataset)}",
+            f"use --batch-size {len(dataset)} or less",
+        )
+
+
 def check_model_fits(model: str, dataset: LatentDataset) -> None:
     """The DiT can be built for this latent file (its image size, channels and classes)."""
     try:

@@ -23,7 +23,14 @@ from memory_test.privacy import PrivacyEngine
 from memory_test.privacy.errors import PrivacyConfigError
 from memory_test.train.args import TOOL, check_args, parse_args, resolve_train_device
 from memory_test.train.checkpoint import check_resume, checkpoint_to_resume, load_model_state, privacy_settings
-from memory_test.train.data import build_model, check_dataset, check_model_fits, open_latents, probe_batch
+from memory_test.train.data import (
+    build_model,
+    check_batch_fits,
+    check_dataset,
+    check_model_fits,
+    open_latents,
+    probe_batch,
+)
 from memory_test.train.loop import PrivateRun, Progress, epsilon_spent, ledger_steps, train_epochs
 
 NON_PRIVATE_NOTE = "noise_multiplier 0 (--non-private): no noise was added, so there is no privacy; ε is infinite"
@@ -38,6 +45,7 @@ def train(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     device = resolve_train_device(args.device)
     dataset = open_latents(args.latents)
     check_dataset(dataset, args.delta)
+    check_batch_fits(dataset, args.batch_size)
     check_model_fits(args.model, dataset)
     ckpt = checkpoint_to_resume(args)
     privacy = privacy_settings(args, dataset)

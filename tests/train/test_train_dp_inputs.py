@@ -47,6 +47,7 @@ def test_existing_checkpoint_is_refused_without_resume(latents, tmp_path, capsys
 
 BAD = {  # flags -> text of the one-line error; none of them may start any work
     "batch 0": (["--noise-multiplier", 1, "--batch-size", 0], "--batch-size must be an integer >= 1"),
+    "batch above N": (["--noise-multiplier", 1, "--batch-size", N + 1], f"--batch-size {N + 1} exceeds the {N} "),
     "physical batch 0": (["--noise-multiplier", 1, "--physical-batch-size", 0], "--physical-batch-size must be"),
     "sigma nan": (["--noise-multiplier", "nan"], "--noise-multiplier (σ) must be a finite number >= 0"),
     "sigma -1": (["--noise-multiplier", -1], "--noise-multiplier (σ) must be a finite number >= 0"),
