@@ -90,3 +90,12 @@ def test_a_search_start_with_the_sweeps_bracketing_is_refused_not_ignored(tmp_pa
     assert "--max-batch-start with the sweep's bracketing" in err and "add --no-max-batch-bracket" in err
     code, out, err = _plan([*base, "--no-max-batch-bracket"], capsys)
     assert code == 0 and "USE_BRACKET=0" in out and "--max-batch-start 4" in out, err
+
+
+def test_an_unknown_experiment_lists_the_suites_names_not_the_engines(tmp_path, capsys):
+    from memory_test.diffusion_profile.suite.experiments import experiment_names
+
+    code, _, err = _plan(["--output-dir", str(tmp_path), "--experiments", "hooks", "--device", "cpu"], capsys)
+    assert code == EXIT_BAD_INPUT and "unknown experiment 'hooks'" in err
+    listed = err.split("; valid: ", 1)[1].split(" — ", 1)[0].split(", ")
+    assert listed == experiment_names() and "opacus_hooks" in listed and "hooks" not in listed
