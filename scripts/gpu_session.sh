@@ -6,6 +6,9 @@
 #   bash scripts/gpu_session.sh multi N   # N H200s (2 or 4): sharded update check, sharded sweep, 1-GPU comparison
 #   bash scripts/gpu_session.sh clipping  # 1 H200: max ||clipped contribution|| / C, every mode x precision (issue 15)
 #   bash scripts/gpu_session.sh clipping_cost  # 1 H200: the B=128 fp32/bf16 sweep with margins off, then on
+#   bash scripts/gpu_session.sh compile_profile  # 1 H200 (issue 13): where a compiled step's time goes (B=8 with the
+#                                         # host profile, B=128), and CUDA graphs for the book-keeping modes: exact vs
+#                                         # upstream hooks, then timed against vanilla under reduce-overhead
 #   bash scripts/gpu_session.sh grid PRECISION [COMPILES]  # 1 H200 (issue 13): vanilla and the four single-process
 #                                         # DP modes at B = 8, 32, 128, for each compile setting (default: off,default),
 #                                         # into results/h200_xl2_compile; a rerun resumes where a call stopped
@@ -20,7 +23,7 @@ PHASE="${1:-}"
 N="${2:-2}"
 if [[ "$PHASE" == grid ]]; then set -- "$1" "${2:-}" "${3:-off,default}"; fi
 usage() { sed -n '2,12p' "$0"; exit 2; }
-[[ "$PHASE" =~ ^(single|multi|clipping|clipping_cost|grid)$ ]] || usage
+[[ "$PHASE" =~ ^(single|multi|clipping|clipping_cost|grid|compile_profile)$ ]] || usage
 [[ "$PHASE" != multi || ( "$N" =~ ^[0-9]+$ && $N -ge 2 ) ]] || { echo "usage: $0 multi N (N >= 2 GPUs)" >&2; exit 2; }
 [[ "$PHASE" != grid || "$N" =~ ^(fp32|bf16)$ ]] || { echo "usage: $0 grid fp32|bf16 [off,default]" >&2; exit 2; }
 PY="${PYTHON:-python3}"
@@ -92,6 +95,19 @@ case "$PHASE" in
         done
         "$PY" scripts/compare_ratio_sweeps.py --before results/h200_xl2_margins_off \
             --after results/h200_xl2_margins_on --markdown results/h200_xl2_margins_on/ratio_rise.md
+        ;;
+    compile_profile)
+        TOUCHED=(results/profile/compiled results/compile_check/cuda_graphs)
+        mkdir -p "${TOUCHED[@]}"
+        part 130 profile_b8 "$PY" scripts/profile_modes.py --batch-size 8 --precision bf16 --compile default \
+            --host-profile --modes vanilla,flash_clip_bk --out-dir results/profile/compiled
+        part 130 profile_b128 "$PY" scripts/profile_modes.py --batch-size 128 --precision bf16 --compile default \
+            --modes vanilla,flash_clip_bk --out-dir results/profile/compiled
+        part 120 cuda_graphs_exact "$PY" scripts/compile_check.py --out-dir results/compile_check/cuda_graphs/exact \
+            --parts exact --compile-mode reduce-overhead --exact-modes flash_clip_bk,bookkeeping
+        part 200 cuda_graphs_time "$PY" scripts/compile_check.py --out-dir results/compile_check/cuda_graphs/time \
+            --parts time --compile-mode reduce-overhead --variants compiled --experiments vanilla,flash_clip_bk \
+            --batch-sizes 32,8 --precisions bf16
         ;;
     grid)
         # Eager first (short runs), then each compiled setting; --num-iter 10 (the issue's medians of >= 10 steps).
