@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from memory_test.kernels import flash_norms_tuning  # noqa: E402
 from memory_test.kernels.flash_norms import (  # noqa: E402
     choose_path,
@@ -335,12 +336,8 @@ def main(argv=None) -> int:
 
 def _write(record: dict, args) -> int:
     table = markdown(record)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(record, f, indent=1)
-    with open(args.markdown, "w") as f:
-        f.write(table + "\n")
+    atomic_write_json(args.output, record, indent=1)
+    atomic_write_text(args.markdown, table + "\n")
     print(table)
     rows = record["rows"] + record["shared_input"]
     failed = [(r["dtype"], r["T"], r["d"], r["p"], m) for r in rows for m in r["errors"] if m != "opacus"]

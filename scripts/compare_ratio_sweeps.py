@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_text  # noqa: E402
 from memory_test.diffusion_profile.plots.tables import SETTING_KEYS, add_vanilla_ratios, records_to_frames  # noqa: E402
 from memory_test.records.io import load_records  # noqa: E402
 
@@ -67,10 +68,7 @@ def main(argv=None) -> int:
     table, ok = compare(args.before, args.after, args.max_rise)
     text = f"Step time ratio to vanilla: {args.before} -> {args.after} (target: rise <= {args.max_rise})\n\n{table}\n"
     if args.markdown:
-        tmp = args.markdown + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.markdown)
+        atomic_write_text(args.markdown, text)
     print(text)
     return 0 if ok else 1
 

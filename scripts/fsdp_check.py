@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.cli_common.arg_types import positive_int  # noqa: E402
 from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_json  # noqa: E402
 from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, PrivacyEngine  # noqa: E402
 from memory_test.privacy.fsdp import shard_dit  # noqa: E402
@@ -220,9 +221,7 @@ def main():
         }
         print(json.dumps(record, indent=1))
         if args.output:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(record, f, indent=1)
+            atomic_write_json(args.output, record, indent=1)
         if not record["ok"]:
             print(f"FAIL: sharded update differs from the single-process one by {rel_err:.2e}", file=sys.stderr)
     failed = rank == 0 and not record["ok"]

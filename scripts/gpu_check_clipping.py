@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import sys
@@ -52,6 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from memory_test.kernels.flash_norms import TF32_ROUNDING_ENV  # noqa: E402
 from memory_test.kernels.norm_error import MARGINS_ENV  # noqa: E402
 from memory_test.models.dit_huggingface_wrapper import DiTHuggingFaceWrapper  # noqa: E402
@@ -478,11 +478,8 @@ def markdown(record: dict) -> str:
 
 def write_outputs(record: dict, json_path: str, md_path: str) -> str:
     table = markdown(record)
-    for path, text in ((json_path, json.dumps(record, indent=1) + "\n"), (md_path, table + "\n")):
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    atomic_write_json(json_path, record, indent=1)
+    atomic_write_text(md_path, table + "\n")
     return table
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory_test.cli_common.arg_types import positive_int  # noqa: E402
 from memory_test.cli_common.devices import require_cuda  # noqa: E402
 from memory_test.cli_common.errors import run_tool  # noqa: E402
+from memory_test.cli_common.files import atomic_write_json  # noqa: E402
 from memory_test.models.dit_presets import build_dit_config  # noqa: E402
 from memory_test.privacy import MODES, DPGradSampleModule, PrivacyEngine  # noqa: E402
 from memory_test.profiling.tracker import MemoryTracker, StepTimer  # noqa: E402
@@ -159,10 +159,7 @@ def main():
         },
         "modes": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    atomic_write_json(args.output, record, indent=2)
     print(f"{'mode':14s} {'rel_err':>10s} {'step ms':>9s} {'peak GiB':>9s}")
     for mode, s in results.items():
         print(
