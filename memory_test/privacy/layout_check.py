@@ -15,11 +15,12 @@ randomness out of the comparison (it changes statistics, not which rows belong t
 
 Why the whole batch and not a few rows: a model may reorder or mix rows only beyond the rows probed, or only for
 batches of its size (``if x.shape[0] > 3``); the probe sees the batch the model is trained on, every row of it. Its
-cost is three no-grad forwards of that batch, once per model (about one training step). Two exceptions, both
-forced: rows whose inputs are NaN or infinite are left out (they would fail every comparison; the model then runs
-on the finite rows only), and a batch of two rows is probed as three, (a, b, a), since no permutation of two rows
-tells a model that swaps them from one that does not. What no permutation can tell: a mixing that treats every row
-alike (``x - x.mean(0)``, BatchNorm's batch statistics, refused by name elsewhere) commutes with every permutation.
+cost is three no-grad forwards of that batch, once per model (about one non-private step: a backward costs about
+two forwards). Two exceptions, both forced: rows whose inputs are NaN or infinite are left out (they would fail
+every comparison; the model then runs on the finite rows only), and a batch of two rows is probed as three,
+(a, b, a), since no permutation of two rows tells a model that swaps them from one that does not. What no
+permutation can tell: a mixing that treats every row alike (``x - x.mean(0)``, BatchNorm's batch statistics,
+refused by name elsewhere) commutes with every permutation.
 """
 
 from __future__ import annotations
