@@ -90,6 +90,8 @@ def test_a_search_start_with_the_sweeps_bracketing_is_refused_not_ignored(tmp_pa
     assert "--max-batch-start with the sweep's bracketing" in err and "add --no-max-batch-bracket" in err
     code, out, err = _plan([*base, "--no-max-batch-bracket"], capsys)
     assert code == 0 and "USE_BRACKET=0" in out and "--max-batch-start 4" in out, err
+    code, out, err = _plan(["--output-dir", str(tmp_path), *SMALL, "--find-max-batch", "--emit-bash"], capsys)
+    assert code == 0 and "USE_BRACKET=1" in out and "--max-batch-start" not in out, err  # room for its bracket
 
 
 def test_an_unknown_experiment_lists_the_suites_names_not_the_engines(tmp_path, capsys):

@@ -227,12 +227,14 @@ def _format(value: Any) -> str:
 
 def to_argv(config: RunConfig, skip: Sequence[str] = ()) -> list[str]:
     """single_experiment flags that reproduce ``config``, leaving out the flags named in ``skip`` (and the search's
-    bracket, which a caller adds when it has one)."""
+    bracket, which a caller adds when it has one; a start that is the default one, which a bracket would refuse)."""
     argv: list[str] = []
     for flag in FLAGS:
         if flag.field is None or flag.name in skip or flag.name == "--max-batch-bracket":
             continue
         value = field_value(config, flag.field)
+        if flag.name == "--max-batch-start" and value == config.batch_size:
+            continue
         if flag.type is None and flag.negative is None:
             argv += [flag.name] if value else []
         elif flag.type is None:
