@@ -44,12 +44,15 @@ mkdir -p "$OUT_DIR" || die "cannot create --output-dir $OUT_DIR" "choose a folde
 # ----- one sweep per folder ------------------------------------------------------------------------------------
 # flock on the folder itself, so no lock file can go stale: this shell keeps the descriptor, the configurations it
 # starts inherit it, and the kernel drops the lock when the last of them exits (also after kill -9). The holder's
-# PID goes to .sweep.pid (memory_test.cli_common.folder_lock) for the message that refuses a second sweep.
+# PID goes to .sweep.pid (memory_test.cli_common.folder_lock) for the message that refuses a second sweep. The
+# configurations find the descriptor in MEMORY_TEST_SWEEP_LOCK_FD and write through the lock; single_experiment run
+# by hand into this folder is refused meanwhile.
 HOLDS_LOCK=0
 if [[ $DRY_RUN -eq 0 ]]; then
     exec {LOCK_FD}<"$OUT_DIR" || die "cannot open --output-dir $OUT_DIR" "choose a folder you can read"
     "$PY" -m memory_test.cli_common.folder_lock "$LOCK_FD" "$OUT_DIR" "$$" || exit 2
     HOLDS_LOCK=1
+    export MEMORY_TEST_SWEEP_LOCK_FD="$LOCK_FD"
 fi
 LOG="$(mktemp "${TMPDIR:-/tmp}/run_all_experiments.$$.XXXXXX")"  # this sweep's own log of the running configuration
 cleanup() {

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from memory_test.cli_common import folder_lock
 from memory_test.cli_common.folder_lock import HOLDER_FILE, FolderBusy, FolderLock
+from memory_test.diffusion_profile import single_experiment
 from tests.conftest import REPO
 
 SWEEP = REPO / "memory_test" / "diffusion_profile" / "run_all_experiments.sh"
@@ -113,4 +115,46 @@ def test_second_sweep_is_refused_and_kill_9_leaves_no_orphan(tmp_path):
             first.kill()
     assert not list(out.glob("*.json")) and not list(out.glob(".*.tmp"))  # no record from a half-measured run
     with FolderLock(out):  # the lock went with the sweep and its child
+        pass
+
+
+def _by_hand(folder: Path, capsys) -> tuple[int, str]:
+    """single_experiment run by hand into ``folder``: a record without a run (nothing measured, nothing slow)."""
+    argv = ["--experiment", "vanilla", "--output", str(folder / "r.json"), "--model", "DiT-tiny", "--device", "cpu"]
+    code = single_experiment.main([*argv, "--record-only", "skipped", "--record-message", "by hand"])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_single_experiment_by_hand_is_refused_while_a_sweep_holds_the_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(folder_lock.SWEEP_FD_ENV, raising=False)
+    with FolderLock(tmp_path):  # a sweep's lock (this process stands in for the sweep)
+        code, err = _by_hand(tmp_path, capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"single_experiment.py: error: {tmp_path} is locked by another sweep (PID {os.getpid()})")
+        assert err.endswith("or write into another folder (--output)") and not (tmp_path / "r.json").exists()
+    code, err = _by_hand(tmp_path, capsys)  # the sweep is gone
+    assert code == 0 and (tmp_path / "r.json").is_file(), err
+
+
+def test_a_sweeps_own_configurations_write_through_its_lock(tmp_path, capsys, monkeypatch):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # the descriptor the sweep locks and its children inherit
+    try:
+        folder_lock.lock_descriptor(fd, tmp_path, os.getpid())
+        monkeypatch.setenv(folder_lock.SWEEP_FD_ENV, str(fd))
+        code, err = _by_hand(tmp_path, capsys)
+        assert code == 0 and (tmp_path / "r.json").is_file(), err
+        other = tmp_path / "other"  # the descriptor proves the lock of its own folder only
+        other.mkdir()
+        with FolderLock(other):
+            assert _by_hand(other, capsys)[0] == 2
+    finally:
+        os.close(fd)
+
+
+def test_a_sweep_is_refused_while_single_experiment_writes_into_its_folder(tmp_path):
+    with folder_lock.writing_into(tmp_path, "--output"):
+        with folder_lock.writing_into(tmp_path, "--output"):  # several writers by hand may share the folder
+            with pytest.raises(FolderBusy, match="is locked by another process"), FolderLock(tmp_path):
+                pass
+    with FolderLock(tmp_path):
         pass

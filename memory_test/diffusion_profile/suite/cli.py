@@ -3,11 +3,15 @@ a torchrun launch, a max-batch search, a torchrun launch, or one measured run.""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
+from contextlib import nullcontext
+from pathlib import Path
 
 from memory_test.cli_common.errors import ToolError
+from memory_test.cli_common.folder_lock import writing_into
 from memory_test.diffusion_profile.suite import distributed_rules as rules
 from memory_test.diffusion_profile.suite.exit_codes import EXIT_OK
 from memory_test.diffusion_profile.suite.flags import build_parser
@@ -15,7 +19,7 @@ from memory_test.diffusion_profile.suite.launch import launch
 from memory_test.diffusion_profile.suite.max_batch import find_max_batch
 from memory_test.diffusion_profile.suite.run import base_record, environment_block, report, run_and_record
 from memory_test.diffusion_profile.suite.validate import validate
-from memory_test.diffusion_profile.suite.worker import run_worker
+from memory_test.diffusion_profile.suite.worker import RANK_DIR_ENV, run_worker
 from memory_test.records.io import write_record_atomic
 from memory_test.records.record import MaxBatchResult
 
@@ -25,13 +29,20 @@ def _terminate(signum, frame):
 
 
 def run(argv: list[str], description: str) -> int:
-    """Exit codes: suite.exit_codes (0 ok, 1 error record, 2 bad input, 3 oom record)."""
+    """Exit codes: suite.exit_codes (0 ok, 1 error record, 2 bad input or a folder a sweep holds, 3 oom record)."""
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the benchmark seeds its noise on purpose
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: no record, probe processes killed
     args = build_parser(description).parse_args(argv)
     config, device, notices = validate(args)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
+    launched = rules.is_worker() and RANK_DIR_ENV in os.environ  # a rank of our own launch: the launcher holds it
+    with nullcontext() if launched else writing_into(Path(config.output).parent, "--output"):
+        return _run(args, argv, config, device)
+
+
+def _run(args, argv: list[str], config, device) -> int:
+    """The work, in the record's folder (held against a sweep, or the sweep's own)."""
     if args.record_only:
         return record_without_run(config, device, args.record_only, args.record_message)
     if rules.is_worker():  # one rank of a torchrun launch (started below, by the parent process)
