@@ -132,6 +132,7 @@ def run_mode(name, args, device, x0, labels):
             cats[categorize(evt.key)] = cats.get(categorize(evt.key), 0.0) + dev_us / 1e3
             kernels[evt.key] = dev_us / 1e3
     host_top = host_profile(step, name, args) if args.host_profile else None
+    peaks_by_phase = phase_peaks(step, net)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
     tag = f"{name}_{args.precision}_b{args.batch_size}_c{args.compile}"
     with open(os.path.join(args.out_dir, f"profile_{tag}.txt"), "w") as f:
@@ -147,6 +148,7 @@ def run_mode(name, args, device, x0, labels):
         "norm_path_counts": stats.norm_path_counts if stats else {},
         "kernel_backend": stats.kernel_backend if stats else None,
         "attention_backend": model.attention_backend,
+        "peak_allocated_bytes_by_phase": peaks_by_phase,
         "warmup_steps": warm,
         "warmup_s": warm_s,
         "host_profile_top": host_top,
@@ -178,6 +180,50 @@ def warm_up(step, *, compiled: bool) -> int:
         if steps >= 3 and (not compiled or (seen_compile and not (now.graphs or now.recompiles))):
             break
     return steps
+
+
+class _PhasePeaks:
+    """The allocator's peak within each phase of one step: reset at every boundary, read at the next."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+
+    def mark(self, phase_that_ended: str) -> None:
+        self.peaks[phase_that_ended] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def phase_peaks(step, net) -> dict[str, int]:
+    """One more step with a peak per phase (bytes): batch, forward, backward (a DP model's split at its clipped
+    gradients: "backward and norms", then "clipped gradients"), optimizer. Says where the step's peak is reached."""
+    marks = _PhasePeaks()
+    inner = getattr(net, "write_clipped_grads", None)
+    if inner is not None:  # an instance attribute shadows the method for this step only
+
+        def clipped(*a, **k):
+            marks.mark("backward and norms")
+            return inner(*a, **k)
+
+        net.__dict__["write_clipped_grads"] = clipped
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    names = {"noise": "batch", "forward": "forward", "backward": "clipped gradients" if inner else "backward"}
+    try:
+        step(_Renamed(marks, names))
+        marks.mark("optimizer")
+    finally:
+        net.__dict__.pop("write_clipped_grads", None)
+    return marks.peaks
+
+
+class _Renamed:
+    """The step's marks under the names ``phase_peaks`` reports."""
+
+    def __init__(self, marks, names: dict):
+        self.marks, self.names = marks, names
+
+    def mark(self, name: str) -> None:
+        self.marks.mark(self.names[name])
 
 
 def host_profile(step, name: str, args, top: int = 40) -> list:
