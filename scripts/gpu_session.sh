@@ -105,7 +105,7 @@ case "$PHASE" in
             --modes vanilla,flash_clip_bk --out-dir results/profile/compiled
         part 120 cuda_graphs_exact "$PY" scripts/compile_check.py --out-dir results/compile_check/cuda_graphs/exact \
             --parts exact --compile-mode reduce-overhead --exact-modes flash_clip_bk,bookkeeping
-        part 200 cuda_graphs_time "$PY" scripts/compile_check.py --out-dir results/compile_check/cuda_graphs/time \
+        part 160 cuda_graphs_time "$PY" scripts/compile_check.py --out-dir results/compile_check/cuda_graphs/time \
             --parts time --compile-mode reduce-overhead --variants compiled --experiments vanilla,flash_clip_bk \
             --batch-sizes 32,8 --precisions bf16
         ;;
