@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .compile_options import uses_cuda_graphs
-from .errors import PrivacyConfigError
+from .errors import SPENT_FORWARD, CriterionError, PrivacyConfigError
 from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary, autocast_target
 from .layer_rules import Use
 from .modes import MODES
@@ -137,7 +137,7 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
         self._plans: dict[tuple, list] = {}  # signature -> per layer, per use: (row multiple, rest, dtype, device)
         self._sink_sets: OrderedDict = OrderedDict()  # (signature, rows) -> per layer, the sinks of its uses
         self._armed = None  # the (signature, rows) whose sinks the layers hold
-        self._taps: list[tuple] = []  # (state, use, sink) of the last forward
+        self._taps: list[tuple] | None = None  # (state, use, sink) of the last forward; None once a backward used it
         self._programs: PostPrograms | None = None  # set by compile_private
         self._cuda_graphs = False  # set by compile_private: the blocks replay as CUDA graphs (book-keeping only)
 
@@ -256,6 +256,8 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
     def _record_backward(self, loss_per_sample: torch.Tensor, retain_graph: bool) -> None:
         """One backward w.r.t. every sink: each use's output gradient, then the eager engine's per-layer work."""
         taps = self._taps
+        if taps is None:  # the uses of this forward were spent by an earlier DP backward (or never recorded)
+            raise CriterionError(SPENT_FORWARD)
         sinks = [sink for _, _, sink in taps]
         with torch.enable_grad():  # record_norms runs under no_grad, and the sum must stay on the graph
             total = loss_per_sample.sum()
@@ -299,13 +301,13 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
 
     def end_step(self):
         super().end_step()
-        self._taps = []
+        self._taps = None
         if self._programs is not None:
             self._programs.forget_step()
 
     def abandon_step(self, error: BaseException) -> None:
         super().abandon_step(error)
-        self._taps = []
+        self._taps = None
         if self._programs is not None:
             self._programs.forget_step()
 

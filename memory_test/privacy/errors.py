@@ -17,6 +17,14 @@ class CriterionError(PrivacyConfigError):
     """A criterion that does not return per-sample losses of shape (B,) or lacks ``reduction``."""
 
 
+# Two DP losses computed from one model output: the second backward reaches layer uses the first one already used.
+SPENT_FORWARD = (
+    "the DP loss's backward reached a forward that an earlier backward already used (two DP losses computed from "
+    "one model output?), so the step is refused. Run a new forward for each DP loss; call optimizer.zero_grad() "
+    "and run the batch again."
+)
+
+
 class LayoutError(PrivacyConfigError):
     """A layer whose rows are not grouped by sample (sequence-first without detection, batch-independent input)."""
 

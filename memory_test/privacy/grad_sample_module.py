@@ -17,7 +17,15 @@ import torch.nn as nn
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 
 from .coverage import uncovered_parameters
-from .errors import CoverageError, LayoutError, PrivacyConfigError, SharedParameterError, UnsupportedLayerError
+from .errors import (
+    SPENT_FORWARD,
+    CoverageError,
+    CriterionError,
+    LayoutError,
+    PrivacyConfigError,
+    SharedParameterError,
+    UnsupportedLayerError,
+)
 from .layer_rules import LINEAR_RULE, ClipCoefficients, LinearLikeRule, Use
 from .layout_check import LayoutCheck, batch_rows
 from .rules import lookup, supported_layer_names
@@ -344,6 +352,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
         self._cache.peak_bytes = self._cache.bytes
 
     def _on_grad_output(self, state: _LayerState, use: Use, grad: torch.Tensor):
+        if not use.inputs:  # released by an earlier backward: where torch's own second-backward error cannot come
+            raise CriterionError(SPENT_FORWARD)
         use.grad_output = _sample_first(grad, use.batch_dim)
         use.held += self._cache.hold((grad,))
         state.pending -= 1

@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from .errors import CriterionError
+from .errors import SPENT_FORWARD, CriterionError
 from .modes import BOOKKEEPING, TWO_PASS
 
 _SCALAR_HELP = (
@@ -58,17 +58,12 @@ _SPENT_LOSS = (
     "graph. Call loss.backward() once per loss (for gradient accumulation: one forward and one DP loss per batch)."
 )
 _STEP_REFUSED = " The next optimizer.step() is refused: call optimizer.zero_grad() and run the batch again."
-_SPENT_FORWARD = (
-    "the DP loss's backward reached a forward that an earlier backward already used (two DP losses computed from "
-    "one model output?), so the step is refused. Run a new forward for each DP loss; call optimizer.zero_grad() "
-    "and run the batch again."
-)
 
 
 def _engine_error(exc: BaseException) -> BaseException:
     """The engine's own error for torch's second-backward RuntimeError; any other exception as it is."""
     if isinstance(exc, RuntimeError) and _TORCH_SECOND_BACKWARD in str(exc):
-        return CriterionError(_SPENT_FORWARD)
+        return CriterionError(SPENT_FORWARD)
     return exc
 
 
