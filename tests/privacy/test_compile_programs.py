@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from memory_test.kernels import flash_norms
-from memory_test.privacy import PrivacyEngine
+from memory_test.privacy import PrivacyEngine, post_programs
 from memory_test.privacy.layer_rules import LINEAR_RULE
 from memory_test.profiling.compile_stats import compile_stats
 from tests.conftest import TinyDiT, make_batch, per_sample_criterion, reference_update, rel_err
@@ -88,6 +88,31 @@ def test_programs_match_the_reference_and_the_eager_margins(mode):
     blocks = "model.transformer_blocks"
     assert {f"{blocks}.2.attn1.to_q", f"{blocks}.0.norm1.emb.class_embedder.embedding_table"} <= in_programs
     assert "model.proj_out_2" not in in_programs  # outside the repeated blocks: eager
+
+
+def test_blocks_of_one_structure_share_one_norms_call_within_the_byte_budget(monkeypatch):
+    """Blocks 1-3 have one structure: their samples are stacked into one norms call (block 0 differs: its embedder
+    runs twice). With no budget every block has its own call; the update is the reference's either way."""
+    model = TinyDiT(num_layers=4).double().train()
+    batch = make_batch(N, k=K)
+    want, _ = reference_update(model, batch, N, K, 0.5, "mean")
+    seen, stack_runs = [], post_programs.stack_runs
+
+    def spy(steps, keys, n):
+        runs = stack_runs(steps, keys, n)
+        seen.append([len(run) for run in runs])
+        return runs
+
+    monkeypatch.setattr(post_programs, "stack_runs", spy)
+    for budget, runs in ((post_programs.PROGRAM_STACK_BYTES, [1, 3]), (0, [1, 1, 1, 1])):
+        monkeypatch.setattr(post_programs, "PROGRAM_STACK_BYTES", budget)
+        torch._dynamo.reset()
+        seen.clear()
+        dp_model, crit = _private(copy.deepcopy(model), "flash_clip_bk", 0.5, per_sample_criterion(K, "mean"))
+        dp_model.compile(regional=True, **AOT)
+        for _ in range(3):
+            assert rel_err([g / N for g in _grads(dp_model, crit, batch[:3], batch[3])], want) <= 1e-6
+        assert seen == [runs] * 3 and dp_model.post_programs_status == "compiled"
 
 
 def test_bf16_margins_are_replayed_and_a_switch_change_records_them_anew(monkeypatch):
