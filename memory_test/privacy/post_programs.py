@@ -186,31 +186,48 @@ def _operand_bytes(step: _Step) -> int:
     return sum(t.nbytes for use in step.inputs for t in use) + sum(g.nbytes for g in step.grads)
 
 
-def _stackable(step: _Step, n: int) -> bool:
-    """Every operand a tensor holding its slot's rows per sample in dimension 0 (so regions concatenate there)."""
+# Layer types whose regions may be stacked, and the attributes their rules read besides parameters and operands.
+STACK_ATTRIBUTES = {nn.Linear: (), nn.Embedding: ("padding_idx",)}
+
+
+def _stack_signature(step: _Step, n: int) -> tuple | None:
+    """What a stacked call takes from the first region for all: layers of STACK_ATTRIBUTES' exact types with equal
+    attributes, whose parameters match in shape, dtype and requires_grad (a frozen weight in one block must not be
+    normed as trainable, or the reverse).
+    None: the region is normed alone (another layer type, whose attributes the rules read; or an operand that does
+    not hold its slot's rows per sample in dimension 0, where regions concatenate)."""
     rows = step.layout.rows
-    return all(
-        isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows[slot] * n
-        for slot, use in enumerate(step.inputs)
-        for t in (*use, step.grads[slot])
+    for slot, use in enumerate(step.inputs):
+        for t in (*use, step.grads[slot]):
+            if not (isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows[slot] * n):
+                return None
+    if any(type(m) not in STACK_ATTRIBUTES for m in step.modules):
+        return None
+    return tuple(
+        (
+            tuple((name, p.shape, p.dtype, p.requires_grad) for name, p in m.named_parameters(recurse=False)),
+            tuple(getattr(m, attr) for attr in STACK_ATTRIBUTES[type(m)]),
+        )
+        for m in step.modules
     )
 
 
 def stack_runs(steps: list, keys: list, n: int) -> list[list[int]]:
-    """Indices of consecutive steps normed by one call: equal recording keys (same structure and operand shapes),
-    stackable, at most PROGRAM_STACK_BYTES of operands together. A step that is None (no gradient) is in no run."""
-    runs, size = [], 0
+    """Indices of consecutive steps normed by one call: equal recording keys (same structure and operand shapes)
+    and equal stack signatures (``_stack_signature``), at most PROGRAM_STACK_BYTES of operands together. A step
+    that is None (no gradient) is in no run."""
+    runs, size, signature = [], 0, None
     for i, step in enumerate(steps):
         if step is None:
             continue
-        nbytes = _operand_bytes(step)
+        nbytes, mine = _operand_bytes(step), _stack_signature(step, n)
         fits = runs and keys[runs[-1][-1]] == keys[i] and size + nbytes <= PROGRAM_STACK_BYTES
-        if fits and runs[-1][-1] == i - 1 and _stackable(step, n) and _stackable(steps[runs[-1][0]], n):
+        if fits and runs[-1][-1] == i - 1 and mine is not None and mine == signature:
             runs[-1].append(i)
             size += nbytes
         else:
             runs.append([i])
-            size = nbytes
+            size, signature = nbytes, mine
     return runs
 
 

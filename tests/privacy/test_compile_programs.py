@@ -115,6 +115,28 @@ def test_blocks_of_one_structure_share_one_norms_call_within_the_byte_budget(mon
         assert seen == [runs] * 3 and dp_model.post_programs_status == "compiled"
 
 
+def test_a_block_with_a_frozen_weight_is_normed_on_its_own(monkeypatch):
+    """Block 2's q weight frozen: its structure and shapes equal blocks 1 and 3's, but a stacked call would norm it
+    with block 1's trainable flags (a frozen weight counted, or a trainable one missed): no stacking across it."""
+    model = TinyDiT(num_layers=4).double().train()
+    frozen = [p for name, p in model.named_parameters() if name.endswith("transformer_blocks.2.attn1.to_q.weight")]
+    assert len(frozen) == 1
+    frozen[0].requires_grad_(False)
+    batch = make_batch(N, k=K)
+    want, _ = reference_update(model, batch, N, K, 0.5, "mean")
+    seen, stack_runs = [], post_programs.stack_runs
+    monkeypatch.setattr(post_programs, "stack_runs", lambda *a: seen.append(stack_runs(*a)) or seen[-1])
+    dp_model, crit = _private(copy.deepcopy(model), "flash_clip_bk", 0.5, per_sample_criterion(K, "mean"))
+    dp_model.compile(regional=True, **AOT)
+    trainable = [p for p in dp_model._module.parameters() if p.requires_grad]
+    for _ in range(3):
+        crit(dp_model(*batch[:3]), batch[3]).backward()
+        assert rel_err([p.grad / N for p in trainable], want) <= 1e-6
+        for p in trainable:
+            p.grad = None
+    assert seen == [[[0], [1], [2], [3]]] * 3
+
+
 def test_bf16_margins_are_replayed_and_a_switch_change_records_them_anew(monkeypatch):
     """Under bf16 autocast the clip factor carries bf16 slack from the ledger; the compiled steps must report (and
     clip with) the same. Margins switched off midway: the programs recompile and record again."""
