@@ -41,7 +41,13 @@ from torch import nn
 
 from .compile_options import uses_cuda_graphs
 from .errors import SPENT_FORWARD, CriterionError, PrivacyConfigError
-from .grad_sample_module import _AUTOCAST_LOWERED, DPGradSampleModule, _mark_boundary, autocast_target
+from .grad_sample_module import (
+    _AUTOCAST_LOWERED,
+    DPGradSampleModule,
+    _mark_boundary,
+    autocast_target,
+    keyword_only_call,
+)
 from .layer_rules import Use
 from .modes import MODES
 from .post_programs import PostPrograms
@@ -49,6 +55,7 @@ from .post_programs import PostPrograms
 MAX_USES = 64  # uses of one layer per forward (DiT: 2, block 0's embedder)
 # One attribute per use, not a list: Dynamo would guard the list's length, which differs between layers.
 _SINK_ATTRS = tuple(f"_dp_sink{i}" for i in range(MAX_USES))
+_NAME_ATTR = "_dp_name"  # the layer's name in the model, for errors
 _USES_ATTR = "_dp_uses"  # a list while a recording forward runs, None otherwise
 SINK_SETS_KEPT = 16  # batch sizes whose sinks are kept (Poisson batches vary; each set is ~one tensor header per use)
 _sinks_made = [0]  # sinks made during a forward (eager pass, or a graph break): the plan is then relearned
@@ -84,6 +91,8 @@ def _record_use(module: nn.Module, inputs: tuple, output):
         return None
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"{type(module).__name__}: DP sinks need a tensor output, got {type(output).__name__}")
+    if not inputs:  # read only here: a per-layer attribute on the traced path would be a guard per block
+        raise PrivacyConfigError(keyword_only_call(module.__dict__.get(_NAME_ATTR, type(module).__name__)))
     if len(uses) >= MAX_USES:
         raise PrivacyConfigError(f"a {type(module).__name__} ran more than {MAX_USES} times in one forward")
     sink = getattr(module, _SINK_ATTRS[len(uses)], None)
@@ -134,6 +143,7 @@ class CompiledDPGradSampleModule(DPGradSampleModule):
             if type(state.module) in _AUTOCAST_LOWERED:
                 self._handles.append(state.module.register_forward_pre_hook(_cast_for_autocast))
             self._handles.append(state.module.register_forward_hook(_record_use))
+            state.module.__dict__[_NAME_ATTR] = state.name
         self._plans: dict[tuple, list] = {}  # signature -> per layer, per use: (row multiple, rest, dtype, device)
         self._sink_sets: OrderedDict = OrderedDict()  # (signature, rows) -> per layer, the sinks of its uses
         self._armed = None  # the (signature, rows) whose sinks the layers hold

@@ -263,6 +263,8 @@ class DPGradSampleModule(AbstractGradSampleModule):
                 return None
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"{state.name}: DP taps need a tensor output, got {type(output).__name__}")
+            if not inputs:
+                raise PrivacyConfigError(keyword_only_call(state.name))
             if self._in_backward:
                 # Non-reentrant activation checkpointing recomputes saved tensors here; gradients still flow through
                 # the original forward's taps. (Reentrant checkpointing is refused by the coverage walk.)
@@ -591,6 +593,13 @@ class DPGradSampleModule(AbstractGradSampleModule):
 
 def _detach(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def keyword_only_call(name: str) -> str:
+    return (
+        f"{name} was called with keyword arguments only: the DP engine reads a layer's input from its positional "
+        f"arguments. Call it as layer(x) instead of layer(input=x)"
+    )
 
 
 def _sample_first(x, bd: int):
