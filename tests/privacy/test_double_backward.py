@@ -84,13 +84,40 @@ def test_backward_on_the_loss_a_combined_loss_was_made_from_is_refused(mode):
     _assert_refused_then_recovers(engine, net, model, opt, crit, before)
 
 
+def _single_linear():
+    torch.manual_seed(0)
+    return nn.Linear(5, 3).double()
+
+
+def _compiled_after_two_steps(engine, model, opt, crit) -> None:
+    """Compiled (sink recording): the eager shape pass, then a compiled step; the accountant starts afresh."""
+    model.compile(backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        x, target = _data(7)
+        crit(model(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+    engine.accountant.history.clear()
+
+
+# (the model, whether it is compiled): torch raises on the two-layer net's freed graph, not on one Linear's
+# (book-keeping would add the first loss' clipped gradients again, halved, accounted twice); compiled, the forward's
+# taps are spent.
+TWO_LOSS_CASES = {"net": (_net, False), "one Linear": (_single_linear, False), "compiled": (_net, True)}
+
+
+@pytest.mark.parametrize("case", TWO_LOSS_CASES)
 @pytest.mark.parametrize("mode", MODES_UNDER_TEST)
-def test_two_dp_losses_of_one_forward_give_the_engines_error_not_torchs(mode):
+def test_two_dp_losses_of_one_forward_give_the_engines_error(mode, case):
     """The second loss is a new DP loss, but its backward reaches the forward the first one spent: whichever sees it
     first (the engine's spent-use check, or torch's freed graph, kept as the cause), the message is the engine's and
     the step is refused."""
-    net = _net()
+    make_net, compiled = TWO_LOSS_CASES[case]
+    torch._dynamo.reset()
+    net = make_net()
     engine, model, opt, crit = _private(net, mode)
+    if compiled:
+        _compiled_after_two_steps(engine, model, opt, crit)
     before = [p.detach().clone() for p in net.parameters()]
     x, target = _data()
     out = model(x)
@@ -99,46 +126,6 @@ def test_two_dp_losses_of_one_forward_give_the_engines_error_not_torchs(mode):
     with pytest.raises(CriterionError, match=r"^the DP loss's backward reached a forward that an earlier") as caught:
         second.backward()
     assert caught.value.__cause__ is None or isinstance(caught.value.__cause__, RuntimeError)
-    _assert_refused_then_recovers(engine, net, model, opt, crit, before)
-
-
-@pytest.mark.parametrize("mode", MODES_UNDER_TEST)
-def test_two_dp_losses_of_one_forward_of_a_single_layer_are_refused(mode):
-    """One Linear: torch itself has nothing freed to complain about, so the engine must see that the layer's use was
-    spent (book-keeping would otherwise add the first loss' clipped gradients again, halved, accounted twice)."""
-    torch.manual_seed(0)
-    net = nn.Linear(5, 3).double()
-    engine, model, opt, crit = _private(net, mode)
-    before = [p.detach().clone() for p in net.parameters()]
-    x, target = _data()
-    out = model(x)
-    first, second = crit(out, target), crit(out, target)
-    first.backward()
-    with pytest.raises(CriterionError, match=r"^the DP loss's backward reached a forward that an earlier"):
-        second.backward()
-    _assert_refused_then_recovers(engine, net, model, opt, crit, before)
-
-
-@pytest.mark.parametrize("mode", MODES_UNDER_TEST)
-def test_two_dp_losses_of_one_compiled_forward_are_refused(mode):
-    """Compiled (sink recording): the second backward finds the forward's uses spent, whatever torch says."""
-    torch._dynamo.reset()
-    net = _net()
-    engine, model, opt, crit = _private(net, mode)
-    model.compile(backend="aot_eager", fullgraph=True)
-    for _ in range(2):  # the eager shape pass, then a compiled step
-        x, target = _data(7)
-        crit(model(x), target).backward()
-        opt.step()
-        opt.zero_grad()
-    engine.accountant.history.clear()
-    before = [p.detach().clone() for p in net.parameters()]
-    x, target = _data()
-    out = model(x)
-    first, second = crit(out, target), crit(out, target)
-    first.backward()
-    with pytest.raises(CriterionError, match=r"^the DP loss's backward reached a forward that an earlier"):
-        second.backward()
     _assert_refused_then_recovers(engine, net, model, opt, crit, before)
     torch._dynamo.reset()
 
