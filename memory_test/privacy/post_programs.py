@@ -273,8 +273,9 @@ class PostPrograms:
         ``stack_runs``): the same program, exact, with one call's host cost instead of one per block."""
         n, backend, flags = gsm._n, gsm.norm_backend, switches()
         steps = [region.gather(n) for region in self.regions]
-        for run in stack_runs(steps, [self._record_key(st, n, flags) if st else None for st in steps], n):
-            first = self._run_norms(gsm, [steps[i] for i in run], n, backend, flags)
+        keys = [self._record_key(st, n, flags) if st else None for st in steps]
+        for run in stack_runs(steps, keys, n):
+            first = self._run_norms(gsm, [steps[i] for i in run], keys[run[0]], n, backend, flags)
             for i in run:
                 steps[i] = steps[i]._replace(first=first)
         for region, step in zip(self.regions, steps):
@@ -283,12 +284,12 @@ class PostPrograms:
                 gsm._done(state)
             region.step = step if gsm.keep_for_bookkeeping else None
 
-    def _run_norms(self, gsm, run: list, n: int, backend, flags) -> bool:
-        """One norms call for a run of same-structure regions; returns whether it was the structure's first."""
+    def _run_norms(self, gsm, run: list, key: tuple, n: int, backend, flags) -> bool:
+        """One norms call for a run of same-structure regions (``key``: their recording key); returns whether it was
+        the structure's first."""
         head, k = run[0], len(run)
         inputs, grads = (head.inputs, head.grads) if k == 1 else stacked_operands(run)
         args = (head.layout, head.modules, inputs, grads, k * n, backend, flags)
-        key = self._record_key(head, n, flags)
         total, paths, first = self._norms(key, args, backend)
         backend.replay(self._notes[key][0] * (k - 1))  # the ledger counts one call per region, as unstacked
         gsm._sq_norm.add_(total.reshape(k, n).sum(dim=0) if k > 1 else total)
